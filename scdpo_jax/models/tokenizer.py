@@ -1,0 +1,79 @@
+"""CLIP tokenizer: transformers' `CLIPTokenizer` read from a model folder's `tokenizer/`.
+
+`write_byte_level_tokenizer` writes a complete, download-free CLIP tokenizer whose vocabulary is
+the 256 byte symbols of CLIP's BPE (no merges): it tokenizes character by character. Tests and
+the embedded synthetic world use it; real checkpoints ship their own `tokenizer/` folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from scdpo_jax.models import io
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def load_tokenizer(folder, max_length: int | None = None):
+  """`CLIPTokenizer.from_pretrained(folder)` with a clear error and a sane `model_max_length`."""
+  from transformers import CLIPTokenizer
+
+  folder = io.require_dir(folder, "tokenizer")
+  for name in ("vocab.json", "merges.txt"):
+    if not (folder / name).is_file():
+      raise io.CheckpointNotFoundError(
+          f"tokenizer in {folder}: expected {name} (a CLIPTokenizer folder has vocab.json and "
+          "merges.txt)")
+  tok = CLIPTokenizer.from_pretrained(str(folder))
+  if max_length is not None:
+    tok.model_max_length = max_length
+  elif tok.model_max_length > 10_000:  # transformers' "no limit" sentinel breaks max_length padding
+    tok.model_max_length = 77
+  return tok
+
+
+def tokenize(tokenizer, prompts: list[str], max_length: int | None = None) -> np.ndarray:
+  """Token ids (B, max_length) int32, padded and truncated the way SD pipelines do."""
+  max_length = max_length or tokenizer.model_max_length
+  ids = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
+                  return_tensors="np")["input_ids"]
+  return ids.astype(np.int32)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+  """GPT-2/CLIP's reversible byte -> printable-unicode table."""
+  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1)))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_byte_level_tokenizer(folder, max_length: int = 77) -> Path:
+  """Write vocab.json/merges.txt/tokenizer_config.json of a character-level CLIP tokenizer.
+
+  Vocabulary: 256 byte symbols, the same with the `</w>` end-of-word suffix, then BOS and EOS
+  (ids 512 and 513; pad = EOS as in SD's tokenizer). Size 514.
+  """
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  symbols = list(_bytes_to_unicode().values())
+  vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+  vocab[BOS] = len(vocab)
+  vocab[EOS] = len(vocab)
+  (folder / "vocab.json").write_text(json.dumps(vocab))
+  (folder / "merges.txt").write_text("#version: 0.2\n")
+  (folder / "tokenizer_config.json").write_text(json.dumps({
+      "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": BOS,
+      "eos_token": EOS, "pad_token": EOS, "unk_token": EOS, "do_lower_case": True}))
+  (folder / "special_tokens_map.json").write_text(json.dumps({
+      "bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}))
+  return folder

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Run main.py inside .venv (set up on first use). Usage: scripts/run.sh [main.py flags]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup_env.sh requirements.txt
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.jax_cache}"
+exec python main.py "$@"
