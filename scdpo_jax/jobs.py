@@ -65,7 +65,7 @@ def inspect_job(config: ml_collections.ConfigDict, workdir: Path) -> dict:
 
   @jax.jit
   def denoise_once(unet_p, vae_p, text_p, ids, rng):
-    states = sd.text_encoder.apply({"params": text_p}, ids)["last_hidden_state"]
+    states = sd.text_encoder.apply({"params": text_p}, ids).last_hidden_state
     s = sd.unet.config.sample_size
     x_t = jax.random.normal(rng, (ids.shape[0], s, s, sd.unet.config.in_channels), dtype)
     t = jnp.full((ids.shape[0],), sd.schedule.num_train_timesteps - 1)

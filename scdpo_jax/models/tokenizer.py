@@ -22,11 +22,11 @@ def load_tokenizer(folder, max_length: int | None = None):
   from transformers import CLIPTokenizer
 
   folder = io.require_dir(folder, "tokenizer")
-  for name in ("vocab.json", "merges.txt"):
-    if not (folder / name).is_file():
-      raise io.CheckpointNotFoundError(
-          f"tokenizer in {folder}: expected {name} (a CLIPTokenizer folder has vocab.json and "
-          "merges.txt)")
+  has_slow = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+  if not (has_slow or (folder / "tokenizer.json").is_file()):
+    raise io.CheckpointNotFoundError(
+        f"tokenizer in {folder}: expected vocab.json + merges.txt or tokenizer.json (a "
+        f"CLIPTokenizer folder); found {sorted(p.name for p in folder.iterdir()) or 'nothing'}")
   tok = CLIPTokenizer.from_pretrained(str(folder))
   if max_length is not None:
     tok.model_max_length = max_length
