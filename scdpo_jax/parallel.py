@@ -1,0 +1,155 @@
+"""Device mesh, logical-axis sharding rules and host-local <-> global batch helpers.
+
+The mesh has three named axes (`MESH_AXES`): `data` (pure data parallelism: replicated
+parameters), `fsdp` (data parallelism with parameters and optimizer state sharded across it) and
+`tensor` (model parallelism inside layers). Parameters and activations carry logical axis names
+(`scdpo_jax.models.layers.LogicalAxes`); `rules` (data in the config) map each logical name to
+mesh axes. A dimension that a mesh axis does not divide is left unsharded on that axis rather than
+failing, so tiny test models shard on any mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import flax.linen as nn
+from flax.core import meta
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical name -> mesh axis (or tuple of axes, or None). Kept as data: configs override them.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("kv_length", None),
+    ("height", None),
+    ("width", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", None),
+    ("conv_in", "fsdp"),
+    ("conv_out", "tensor"),
+    ("norm", None),
+)
+
+
+def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
+  """Accept a sequence of (name, axes) pairs (lists from ml_collections are fine)."""
+  out = []
+  for name, axes in rules:
+    if isinstance(axes, list):
+      axes = tuple(axes)
+    for ax in (axes if isinstance(axes, tuple) else (axes,)):
+      if ax is not None and ax not in MESH_AXES:
+        raise ValueError(f"sharding rule {name!r} -> {axes!r}: unknown mesh axis {ax!r}; "
+                         f"mesh axes are {MESH_AXES}")
+    out.append((name, axes))
+  return tuple(out)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over all (or the given) devices; one size may be -1 (= the rest)."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [data, fsdp, tensor]
+  n = len(devices)
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} "
+                     f"tensor={tensor}")
+  if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
+    if n % known:
+      raise ValueError(f"mesh: {n} devices do not divide into axes of size {known} "
+                       f"(data={data} fsdp={fsdp} tensor={tensor})")
+    sizes[sizes.index(-1)] = n // known
+  if math.prod(sizes) != n:
+    raise ValueError(f"mesh: data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
+                     f"{math.prod(sizes)} devices, but {n} are available")
+  try:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(sizes, devices)
+  except Exception:  # CPU / odd topologies: plain reshape is fine.
+    grid = np.asarray(devices).reshape(sizes)
+  return Mesh(grid, MESH_AXES)
+
+
+def mesh_from_config(mesh_config) -> Mesh:
+  return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor)
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  """How many ways a global batch is split: the product of the batch mesh axes."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def check_batch_fits(global_batch: int, mesh: Mesh, what: str = "batch") -> None:
+  d = batch_divisor(mesh)
+  if global_batch % d:
+    raise ValueError(f"{what} of {global_batch} does not divide over the mesh's batch axes "
+                     f"data x fsdp = {d} (mesh {dict(mesh.shape)}); use a multiple of {d}")
+  if global_batch % jax.process_count():
+    raise ValueError(f"{what} of {global_batch} does not divide over {jax.process_count()} "
+                     "processes")
+
+
+def _fit_spec(spec: Sequence[Any], shape: Sequence[int], mesh: Mesh) -> P:
+  """Drop mesh axes that do not divide their dimension (or that are used twice)."""
+  out, used = [], set()
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is None:
+      out.append(None)
+      continue
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    kept = []
+    for ax in axes:
+      size = mesh.shape[ax]
+      if ax in used or size == 1:
+        continue
+      if dim % (math.prod(mesh.shape[a] for a in kept) * size) == 0:
+        kept.append(ax)
+    used.update(kept)
+    out.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+  return P(*out)
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a tree of (possibly `nn.LogicallyPartitioned`) leaves or ShapeDtypeStructs.
+
+  Leaves without logical names are replicated.
+  """
+  specs = nn.get_partition_spec(boxed_tree)
+  shapes = meta.unbox(boxed_tree)
+
+  def one(spec, leaf):
+    mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules) if len(spec) else P()
+    return NamedSharding(mesh, _fit_spec(tuple(mesh_spec), np.shape(leaf), mesh))
+
+  return jax.tree.map(one, specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Shard the leading (batch) axis over the data and fsdp axes."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def global_batch_from_local(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assemble each process's slice of the batch into global arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)),
+                                                    np.asarray(v))
+          for k, v in local.items()}
+
+
+def process_slice(global_batch: int) -> slice:
+  """The rows of a global batch that this process reads."""
+  per = global_batch // jax.process_count()
+  return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
