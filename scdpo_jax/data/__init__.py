@@ -1,0 +1,1 @@
+"""Preference-pair data: the batch format the trainer consumes, sources, converters, caching."""

@@ -1,0 +1,57 @@
+"""An in-memory pair source: step-indexed, seeded shuffling per epoch, per-process slicing."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from scdpo_jax.data.batch import FLOAT_KEYS, PAIR_KEYS, validate_batch
+
+
+def epoch_permutation(num: int, seed: int, epoch: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(num)
+
+
+def global_indices(step: int, global_batch: int, num: int, seed: int,
+                   shuffle: bool = True) -> np.ndarray:
+  """Record indices of the global batch at `step` (epochs wrap; each epoch its own shuffle)."""
+  start = step * global_batch
+  idx = np.arange(start, start + global_batch)
+  epochs, pos = np.divmod(idx, num)
+  if not shuffle:
+    return pos
+  out = np.empty_like(pos)
+  for e in np.unique(epochs):
+    sel = epochs == e
+    out[sel] = epoch_permutation(num, seed, int(e))[pos[sel]]
+  return out
+
+
+class InMemoryPairs:
+  """Pairs held as NumPy arrays (see `batch.py` for the keys)."""
+
+  def __init__(self, arrays: dict[str, np.ndarray], seed: int = 0, shuffle: bool = True,
+               hflip: bool = False):
+    arrays = dict(arrays)
+    n = arrays["latents_w"].shape[0]
+    for k in FLOAT_KEYS:
+      arrays.setdefault(k, np.zeros((n,), np.float32))
+    arrays = {k: np.asarray(arrays[k]) for k in PAIR_KEYS}
+    validate_batch(arrays)
+    self.arrays = arrays
+    self.num_pairs = n
+    self.seed = seed
+    self.shuffle = shuffle
+    self.hflip = hflip
+
+  def batch(self, step: int, global_batch: int) -> dict[str, np.ndarray]:
+    idx = global_indices(step, global_batch, self.num_pairs, self.seed, self.shuffle)
+    per = global_batch // jax.process_count()
+    mine = idx[jax.process_index() * per:(jax.process_index() + 1) * per]
+    out = {k: v[mine] for k, v in self.arrays.items()}
+    if self.hflip:  # flip winner and loser of a pair together, decided per pair by (seed, index)
+      flip = np.random.default_rng([self.seed, step, 1]).random(global_batch)
+      flip = flip[jax.process_index() * per:(jax.process_index() + 1) * per] < 0.5
+      for k in ("latents_w", "latents_l"):
+        out[k] = np.where(flip[:, None, None, None], out[k][:, :, ::-1], out[k])
+    return out
