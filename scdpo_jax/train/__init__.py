@@ -1,0 +1,1 @@
+"""SC-DPO training: losses, train state and step, the training loop."""

@@ -1,0 +1,161 @@
+"""SC-DPO losses as pure, jit-compatible functions (all math in float32).
+
+Conventions (those of the public Diffusion-DPO code, Wallace et al. 2024):
+
+* `m_w, m_l`: per-pair mean squared error of the **policy** UNet's prediction against its target
+  (epsilon or v) for the winner / loser, averaged over all non-batch axes (a mean, not a sum).
+  `r_w, r_l`: the same for the frozen **reference** UNet. Winner and loser share timestep and noise.
+* The DPO logit is `z = -0.5 * beta * ((m_w - m_l) - (r_w - r_l))`, beta = 5000 for SD1.5.
+  (diffusers' LoRA port writes the same loss as `beta' * ((r_w - r_l) - (m_w - m_l))` with
+  beta' = beta / 2 = 2500.) `z > 0` means the policy, relative to the reference, denoises the
+  winner better than the loser: the implicit preference is right.
+* Diffusion-DPO: `L = -mean(log sigmoid(z))`.
+* Safety constraint, three forms ([I] reconstructions, see ../shared/docs/method.md 2.2):
+  (A) pairs are (re)labelled by the combined score `s = r - lambda * C` before training
+      (`combined_score`, `relabel_by_combined_score`);
+  (B) a cost margin inside the sigmoid: `z_B = z + lambda * (C_l - C_w)` (`cost_margin`);
+  (C) lambda adapted by projected dual ascent towards a cost budget d (`dual_ascent_update`).
+* Dynamic Focusing Mechanism ([I] formula): `w = stop_gradient((1 - sigmoid(z)) ** gamma)`; the
+  loss is `sum(w * -log sigmoid(z)) / sum(w)` (weights normalised over the batch, so the gradient
+  scale stays that of DPO) or `mean(w * -log sigmoid(z))` without normalisation. gamma = 0 gives
+  w = 1 and plain Diffusion-DPO exactly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _check_float(name: str, x: jax.Array, ndim: int | None = None) -> None:
+  if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+    raise TypeError(f"{name} must be a floating-point array, got dtype {jnp.asarray(x).dtype}")
+  if ndim is not None and jnp.ndim(x) != ndim:
+    raise ValueError(f"{name} must have {ndim} dimensions, got shape {jnp.shape(x)}")
+
+
+def _check_same_shape(**arrays: jax.Array) -> None:
+  shapes = {k: jnp.shape(v) for k, v in arrays.items()}
+  if len(set(shapes.values())) > 1:
+    raise ValueError(f"shapes must match: {shapes}")
+
+
+def per_sample_mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
+  """mean((prediction - target)^2) over all axes but the first, in float32: shape (B,)."""
+  _check_float("prediction", prediction)
+  _check_float("target", target)
+  _check_same_shape(prediction=prediction, target=target)
+  if jnp.ndim(prediction) < 1:
+    raise ValueError("prediction must have a leading batch axis")
+  diff = prediction.astype(jnp.float32) - target.astype(jnp.float32)
+  return jnp.mean(jnp.square(diff), axis=tuple(range(1, diff.ndim)))
+
+
+def dpo_logit(model_w: jax.Array, model_l: jax.Array, ref_w: jax.Array, ref_l: jax.Array,
+              beta: float) -> jax.Array:
+  """z = -0.5 * beta * ((m_w - m_l) - (r_w - r_l)), per pair; the reference terms get no gradient."""
+  for name, x in (("model_w", model_w), ("model_l", model_l), ("ref_w", ref_w), ("ref_l", ref_l)):
+    _check_float(name, x, ndim=1)
+  _check_same_shape(model_w=model_w, model_l=model_l, ref_w=ref_w, ref_l=ref_l)
+  ref_diff = jax.lax.stop_gradient(ref_w.astype(jnp.float32) - ref_l.astype(jnp.float32))
+  model_diff = model_w.astype(jnp.float32) - model_l.astype(jnp.float32)
+  return -0.5 * beta * (model_diff - ref_diff)
+
+
+def cost_margin(cost_w: jax.Array, cost_l: jax.Array, lam: jax.Array | float) -> jax.Array:
+  """Variant B: lambda * (C_l - C_w), added to the DPO logit. Costs are data, never trained here."""
+  _check_float("cost_w", cost_w, ndim=1)
+  _check_float("cost_l", cost_l, ndim=1)
+  _check_same_shape(cost_w=cost_w, cost_l=cost_l)
+  return jax.lax.stop_gradient(
+      jnp.asarray(lam, jnp.float32) * (cost_l.astype(jnp.float32) - cost_w.astype(jnp.float32)))
+
+
+def focusing_weights(z: jax.Array, gamma: jax.Array | float) -> jax.Array:
+  """Dynamic Focusing Mechanism: w = stop_gradient((1 - sigmoid(z)) ** gamma).
+
+  Hard pairs (z small or negative: the implicit preference is wrong) get w -> 1, easy pairs
+  (z >> 0) get w -> 0. gamma = 0 gives w = 1 exactly (also where 1 - sigmoid(z) underflows to 0).
+  """
+  _check_float("z", z, ndim=1)
+  gamma = jnp.asarray(gamma, jnp.float32)
+  # (1 - sigmoid(z)) = sigmoid(-z); in log space for stability: exp(gamma * log_sigmoid(-z)).
+  w = jnp.exp(gamma * jax.nn.log_sigmoid(-z.astype(jnp.float32)))
+  return jax.lax.stop_gradient(jnp.where(gamma == 0, jnp.ones_like(w), w))
+
+
+def weighted_dpo_terms(z: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(sum_i w_i * -log sigmoid(z_i), sum_i w_i): the two sums a normalised loss divides.
+
+  Keeping them separate makes the batch normalisation exact under gradient accumulation: the
+  trainer adds both over micro-batches and divides once.
+  """
+  _check_float("z", z, ndim=1)
+  _check_float("weights", weights, ndim=1)
+  _check_same_shape(z=z, weights=weights)
+  nll = -jax.nn.log_sigmoid(z.astype(jnp.float32))
+  return jnp.sum(weights * nll), jnp.sum(weights)
+
+
+def diffusion_dpo_loss(z: jax.Array) -> jax.Array:
+  """Diffusion-DPO (sigmoid): -mean(log sigmoid(z))."""
+  _check_float("z", z, ndim=1)
+  return -jnp.mean(jax.nn.log_sigmoid(z.astype(jnp.float32)))
+
+
+def focused_dpo_loss(z: jax.Array, gamma: jax.Array | float, normalize: bool = True) -> jax.Array:
+  """DPO with the Dynamic Focusing Mechanism; normalize=True divides by sum(w), else by B."""
+  w = focusing_weights(z, gamma)
+  total, wsum = weighted_dpo_terms(z, w)
+  return total / (wsum if normalize else z.shape[0])
+
+
+def sft_loss(model_w: jax.Array) -> jax.Array:
+  """The SFT baseline of the Diffusion-DPO code: plain denoising MSE on the winners only."""
+  _check_float("model_w", model_w, ndim=1)
+  return jnp.mean(model_w.astype(jnp.float32))
+
+
+def implicit_accuracy(z: jax.Array) -> jax.Array:
+  """Fraction of pairs whose implicit preference is right (z > 0)."""
+  return jnp.mean((z > 0).astype(jnp.float32))
+
+
+def combined_score(reward: jax.Array, cost: jax.Array, lam: float) -> jax.Array:
+  """Variant A's score s = r - lambda * C (used when pairs are built: higher s wins)."""
+  _check_float("reward", reward)
+  _check_float("cost", cost)
+  _check_same_shape(reward=reward, cost=cost)
+  return reward.astype(jnp.float32) - lam * cost.astype(jnp.float32)
+
+
+def relabel_by_combined_score(reward_w, reward_l, cost_w, cost_l, lam: float) -> jax.Array:
+  """Variant A: True where the pair must be swapped because s(loser) > s(winner)."""
+  return combined_score(reward_l, cost_l, lam) > combined_score(reward_w, cost_w, lam)
+
+
+def policy_cost_estimate(z: jax.Array, cost_w: jax.Array, cost_l: jax.Array) -> jax.Array:
+  """Expected cost of the policy's choice within each pair, averaged over the batch.
+
+  Under the implicit Bradley-Terry model the policy ranks the winner first with probability
+  sigmoid(z), so its expected cost is sigmoid(z) C_w + (1 - sigmoid(z)) C_l ([I], the C-DPO-style
+  constraint estimate that variant C drives towards the budget).
+  """
+  p = jax.nn.sigmoid(jax.lax.stop_gradient(z.astype(jnp.float32)))
+  return jnp.mean(p * cost_w + (1.0 - p) * cost_l)
+
+
+def dual_ascent_update(lam: jax.Array, cost_estimate: jax.Array, budget: float, lr: float,
+                       lam_max: float = 1e4) -> jax.Array:
+  """Variant C: projected dual ascent lambda <- clip(lambda + lr * (E[C] - d), 0, lambda_max)."""
+  lam = jnp.asarray(lam, jnp.float32)
+  return jnp.clip(lam + lr * (jnp.asarray(cost_estimate, jnp.float32) - budget), 0.0, lam_max)
+
+
+def scheduled_gamma(step: jax.Array, gamma: float, gamma_start: float = 0.0,
+                    ramp_steps: int = 0) -> jax.Array:
+  """gamma ramped linearly from gamma_start to gamma over ramp_steps (fixed gamma if 0)."""
+  if ramp_steps <= 0:
+    return jnp.asarray(gamma, jnp.float32)
+  frac = jnp.clip(jnp.asarray(step, jnp.float32) / ramp_steps, 0.0, 1.0)
+  return jnp.asarray(gamma_start + (gamma - gamma_start) * frac, jnp.float32)
