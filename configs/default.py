@@ -1,13 +1,17 @@
-"""Check a Stable Diffusion folder end to end (text encoder -> UNet -> VAE) with our Flax models.
+"""Defaults of every training config: SC-DPO (margin form) on a Stable Diffusion UNet.
 
-  python main.py --config configs/default.py --workdir runs/inspect   # ~1 min on a 2-core CPU
+  python main.py --config configs/default.py --workdir runs/default   # ~1 min on a 2-core CPU
 
-Without `model.pretrained` it builds a tiny random pipeline of our own model classes, exports it
-in diffusers format and loads it back. Point it at a real checkpoint with
-`--config.model.pretrained=/path/to/stable-diffusion-v1-5` (needs a GPU/TPU for SD-sized models).
+On its own this trains the tiny random pipeline below on random in-memory pairs (a smoke run of
+the real code paths). Real runs use a derived config (configs/scdpo_sd15.py) that overrides
+these keys. Conventions: beta is the public Diffusion-DPO code's (z = -0.5*beta*((m_w - m_l) -
+(r_w - r_l)), beta = 5000 for SD1.5; diffusers' LoRA port calls the same thing beta = 2500).
+Unknown keys given on the command line are rejected.
 """
 
 import ml_collections
+
+from scdpo_jax.parallel import DEFAULT_RULES
 
 
 def tiny_pipeline_config() -> ml_collections.ConfigDict:
@@ -31,16 +35,80 @@ def tiny_pipeline_config() -> ml_collections.ConfigDict:
       beta_end=0.012, beta_schedule="scaled_linear", prediction_type="epsilon",
       clip_sample=False, set_alpha_to_one=False, steps_offset=1))
   return c
-
-
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.job = "inspect"
+  config.job = "train"
   config.seed = 0
-  config.prompts = ("a photo of a cat", "a red square on a blue background")
+
   config.model = ml_collections.ConfigDict()
-  config.model.pretrained = ""  # a diffusers-format SD folder; "" = tiny random pipeline
-  config.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
+  config.model.pretrained = ""  # diffusers-format SD folder; "" = tiny random pipeline (tests)
+  config.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU
+  config.model.ref_param_dtype = "float32"  # frozen reference UNet storage; "bfloat16" on GPU/TPU
   config.model.attention_impl = "xla"  # "xla" | "cudnn" | "auto"
+  config.model.remat_policy = "none"  # "none" | "block" | "dots_saveable" | "nothing_saveable"
+  config.model.text_layer = -1  # text-encoder layer the UNet is conditioned on (-1 = last)
   config.model.tiny = tiny_pipeline_config()
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "memory_random"  # "memory_random" | "tfds"
+  config.data.num_pairs = 64  # memory_random only
+  config.data.harmful_fraction = 0.5  # memory_random only
+  config.data.seed = 0
+  config.data.hflip = True
+  config.data.name = ""  # tfds: dataset name (builder) or folder
+  config.data.data_dir = ""  # tfds: data_dir holding the prepared ArrayRecord files
+  config.data.split = "train"
+
+  config.train = ml_collections.ConfigDict()
+  config.train.loss_type = "dpo"  # "dpo" | "sft" (winner MSE only)
+  config.train.beta = 5000.0
+  config.train.safety_mode = "margin"  # "none" | "relabel" (A) | "margin" (B) | "dual" (C)
+  config.train.lam = 1.0  # lambda: weight of the safety cost (initial value in "dual")
+  config.train.cost_budget = 0.0  # "dual": target expected cost d
+  config.train.dual_lr = 0.0  # "dual": dual ascent step size
+  config.train.lam_max = 1e4
+  config.train.gamma = 0.0  # Dynamic Focusing exponent; 0 = plain DPO
+  config.train.gamma_start = 0.0  # gamma ramps linearly from here ...
+  config.train.gamma_ramp_steps = 0  # ... over this many steps (0 = fixed gamma)
+  config.train.focus_normalize = True  # divide by sum of focusing weights (else by pairs)
+  config.train.caption_dropout = 0.2  # fraction of pairs trained on the empty prompt
+  config.train.pairs_per_step = 8  # global (effective) batch of pairs per optimizer step
+  config.train.grad_accum = 1  # micro-batches per step (pairs_per_step / grad_accum each)
+  config.train.num_steps = 20
+  config.train.export_at_end = True  # write <workdir>/export/unet in diffusers format
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adamw"  # "adamw" | "adafactor"
+  config.optimizer.lr = 1e-5
+  config.optimizer.scale_lr = False  # lr *= pairs_per_step (Diffusion-DPO's --scale_lr)
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.eps = 1e-8
+  config.optimizer.weight_decay = 1e-2
+  config.optimizer.warmup_steps = 5
+  config.optimizer.schedule = "constant"  # "constant" | "cosine" (after warmup)
+  config.optimizer.cosine_final_fraction = 0.0
+  config.optimizer.max_grad_norm = 1.0  # 0 = no clipping
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # -1: all remaining devices
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+  config.sharding_rules = DEFAULT_RULES  # logical axis -> mesh axes
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 10
+  config.checkpoint.keep = 3
+  config.checkpoint.async_save = True
+
+  config.log = ml_collections.ConfigDict()
+  config.log.every_steps = 5
+  config.log.tensorboard = True
+  config.log.peak_flops_per_device = 0.0  # 0 = look up the device kind
+
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = ""  # "host:port" -> jax.distributed.initialize(...)
+  config.distributed.num_processes = 1
+  config.distributed.process_id = 0
+  config.distributed.auto = False  # jax.distributed.initialize() with auto-detection (pods)
   return config

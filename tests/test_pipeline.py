@@ -116,7 +116,7 @@ def test_folder_errors_name_the_path(torch_pipeline_folder, tmp_path):
 
 def test_main_inspect_job_end_to_end(tmp_path):
   """The README's main job: tiny random pipeline -> diffusers export -> reload -> one pass."""
-  cmd = [sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs/default.py"),
+  cmd = [sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs/inspect.py"),
          "--workdir", str(tmp_path / "run")]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -127,7 +127,7 @@ def test_main_inspect_job_end_to_end(tmp_path):
 
 
 def test_main_rejects_unknown_config_key(tmp_path):
-  cmd = [sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs/default.py"),
+  cmd = [sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs/inspect.py"),
          "--workdir", str(tmp_path / "run"), "--config.model.no_such_key=1"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0

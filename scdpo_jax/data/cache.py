@@ -1,0 +1,343 @@
+"""Cache VAE latents and text-encoder states of a pair dataset as a new ArrayRecord dataset.
+
+  python -m scdpo_jax.data.cache --input data/pairs --output data/pairs_latents \\
+      --pretrained /path/to/stable-diffusion-v1-5 [--resolution 512] [--latents mean|sample] \\
+      [--text_layer -1] [--batch_size 64] [--chunk_size 1024] [--dtype bfloat16]
+
+What is stored (see `tfds_pairs.py`): `latents_w/_l` = `scale_latents(z)` = (z - shift) *
+scaling_factor with z the posterior mean (`--latents mean`, default) or one posterior sample
+(`--latents sample`, drawn with the key fold_in(fold_in(seed, record), side), side 0 = winner, 1 =
+loser, so a resumed run draws the same sample); NHWC (B, R/f, R/f, C). `text_states` = the text
+encoder's `encode_prompt_states(ids, layer=text_layer)` of the prompt tokenised with the
+pipeline's own tokenizer (padded to max_length, as SD pipelines do); `input_ids` are re-written
+with that tokenizer. Images are decoded, resized (shorter side, bicubic) and centre-cropped to
+`resolution` (default: the VAE's sample_size), then mapped to [-1, 1]. No flip is applied here:
+the loader flips latents.
+
+Batches of `batch_size` images are encoded by one jitted function whose inputs are sharded over
+the batch axes of a (data, fsdp, tensor) mesh of this process's devices (`parallel.py`), with the
+weights placed by their logical-axis rules; a short last batch is padded so one shape compiles.
+
+Resumable: records are processed in chunks of `chunk_size`; each finished chunk is saved as
+`<output>/_cache_work/chunk_<c>.npz` (written to a temporary name, then renamed). A rerun with
+the same settings (checked against `_cache_work/manifest.json`) skips finished chunks; once all
+chunks exist the dataset is written and the work folder removed. With several processes, chunk c
+belongs to process c % process_count and process 0 writes the dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from scdpo_jax.data import tfds_pairs
+from scdpo_jax.data.images import load_model_images
+
+WORK_DIR = "_cache_work"
+LATENT_MODES = ("mean", "sample")
+
+
+class PairEncoder:
+  """Images -> scaled VAE latents, token ids -> text-encoder states; jitted, mesh-sharded.
+
+  `encode_images(images, record_ids, sides)`: float32 (N, R, R, 3) in [-1, 1] -> float32
+  (N, R/f, R/f, C) scaled latents. `encode_text(ids)`: int32 (N, T) -> float32 (N, T, D).
+  `tokenize(prompts)`: list[str] -> int32 (N, T). All run in batches of `batch_size`.
+  """
+
+  def __init__(self, vae_module, vae_params, text_module, text_params, tokenizer, *,
+               resolution: int | None = None, latent_mode: str = "mean", text_layer: int = -1,
+               batch_size: int = 32, seed: int = 0, mesh=None, rules=None, source: str = ""):
+    import jax
+    import jax.numpy as jnp
+
+    from scdpo_jax import parallel
+    from scdpo_jax.models import clip, vae
+
+    if latent_mode not in LATENT_MODES:
+      raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
+    self.vae, self.text_encoder, self.tokenizer = vae_module, text_module, tokenizer
+    self.resolution = int(resolution or vae_module.config.sample_size)
+    if self.resolution % vae_module.config.downsample_factor:
+      raise ValueError(f"resolution {self.resolution} is not a multiple of the VAE's "
+                       f"downsampling factor {vae_module.config.downsample_factor}")
+    self.latent_mode, self.text_layer, self.seed, self.source = (
+        latent_mode, int(text_layer), int(seed), source)
+    self.mesh = mesh if mesh is not None else parallel.make_mesh(devices=jax.local_devices())
+    divisor = parallel.batch_divisor(self.mesh)
+    self.batch_size = -(-int(batch_size) // divisor) * divisor  # round up to the mesh
+    self.max_length = int(text_module.config.max_position_embeddings)
+    rules = parallel.rules_from_config(rules or parallel.DEFAULT_RULES)
+
+    vae_shard = parallel.logical_shardings(vae.abstract_variables(vae_module)["params"],
+                                           self.mesh, rules)
+    text_shard = parallel.logical_shardings(clip.abstract_params(text_module), self.mesh, rules)
+    self.vae_params = jax.device_put(vae_params, vae_shard)
+    self.text_params = jax.device_put(text_params, text_shard)
+    b4, b3, b2, b1 = (parallel.batch_sharding(self.mesh, n) for n in (4, 3, 2, 1))
+    vae_cfg = vae_module.config
+    base_key = jax.random.key(self.seed)
+    sample = latent_mode == "sample"
+
+    def latents(params, x, record_ids, sides):
+      mean, logvar = vae_module.apply({"params": params}, x, method="encode")
+      if sample:
+        keys = jax.vmap(lambda r, s: jax.random.fold_in(jax.random.fold_in(base_key, r), s))(
+            record_ids, sides)
+        eps = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], jnp.float32))(keys)
+        z = mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * eps
+      else:
+        z = mean.astype(jnp.float32)
+      return vae.scale_latents(z, vae_cfg).astype(jnp.float32)
+
+    def states(params, ids):
+      out = text_module.apply({"params": params}, ids,
+                              method=clip.CLIPTextModel.encode_prompt_states,
+                              layer=self.text_layer)
+      return out.astype(jnp.float32)
+
+    self._latents = jax.jit(latents, in_shardings=(vae_shard, b4, b1, b1), out_shardings=b4)
+    self._states = jax.jit(states, in_shardings=(text_shard, b2), out_shardings=b3)
+
+  @classmethod
+  def from_pretrained(cls, folder: str | Path, *, dtype: str = "float32", **kwargs
+                      ) -> "PairEncoder":
+    """VAE, text encoder and tokenizer of a diffusers SD folder."""
+    import jax.numpy as jnp
+
+    from scdpo_jax.models import pipeline
+
+    sd = pipeline.load_stable_diffusion(folder, ("vae", "text_encoder", "tokenizer"),
+                                        dtype=jnp.dtype(dtype))
+    return cls(sd.vae, sd.vae_params, sd.text_encoder, sd.text_encoder_params, sd.tokenizer,
+               source=str(Path(folder).resolve()), **kwargs)
+
+  def fingerprint(self) -> dict[str, Any]:
+    """What determines the cached values (checked when resuming)."""
+    return {"pretrained": self.source, "resolution": self.resolution,
+            "latent_mode": self.latent_mode, "text_layer": self.text_layer, "seed": self.seed,
+            "max_length": self.max_length,
+            "vae_scaling_factor": float(self.vae.config.scaling_factor),
+            "vae_shift_factor": (None if self.vae.config.shift_factor is None
+                                 else float(self.vae.config.shift_factor))}
+
+  def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+    from scdpo_jax.models import tokenizer as tok
+    return tok.tokenize(self.tokenizer, list(prompts), self.max_length)
+
+  def _batched(self, fn, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    n = len(arrays[0])
+    outs = []
+    for lo in range(0, n, self.batch_size):
+      part = [a[lo:lo + self.batch_size] for a in arrays]
+      m = len(part[0])
+      if m < self.batch_size:  # pad so that every call has the compiled shape
+        part = [np.concatenate([p, np.repeat(p[-1:], self.batch_size - m, axis=0)]) for p in part]
+      outs.append(np.asarray(fn(*part))[:m])
+    return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+
+  def encode_images(self, images: np.ndarray, record_ids: np.ndarray, sides: np.ndarray
+                    ) -> np.ndarray:
+    images = np.asarray(images, np.float32)
+    r = self.resolution
+    if images.shape[1:] != (r, r, 3):
+      raise ValueError(f"encode_images expects (N, {r}, {r}, 3) in [-1, 1], got {images.shape}")
+    return self._batched(lambda x, rec, side: self._latents(self.vae_params, x, rec, side),
+                         [images, np.asarray(record_ids, np.int32), np.asarray(sides, np.int32)])
+
+  def encode_text(self, ids: np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids, np.int32)
+    if ids.ndim != 2 or ids.shape[1] != self.max_length:
+      raise ValueError(f"encode_text expects (N, {self.max_length}) token ids, got {ids.shape}")
+    return self._batched(lambda x: self._states(self.text_params, x), [ids])
+
+  def encode_records(self, records: Sequence[dict], record_ids: np.ndarray,
+                     flips: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Pair records with images -> latents_w, latents_l, text_states, input_ids (NumPy).
+
+    `flips` (bool per record) mirrors both images of a pair left-right before encoding.
+    """
+    prompts = [tfds_pairs.text(r["prompt"]) for r in records]
+    ids = self.tokenize(prompts)
+    record_ids = np.asarray(record_ids, np.int32)
+    n = len(records)
+    out_w, out_l = [], []
+    for lo in range(0, n, self.batch_size):  # decode one batch of images at a time
+      hi = min(n, lo + self.batch_size)
+      imgs = load_model_images([r["image_w"] for r in records[lo:hi]]
+                               + [r["image_l"] for r in records[lo:hi]], self.resolution)
+      if flips is not None:
+        f = np.concatenate([flips[lo:hi], flips[lo:hi]])
+        imgs = np.where(f[:, None, None, None], imgs[:, :, ::-1], imgs)
+      rec = np.concatenate([record_ids[lo:hi], record_ids[lo:hi]])
+      side = np.repeat(np.array([0, 1], np.int32), hi - lo)
+      lat = self.encode_images(imgs, rec, side)
+      out_w.append(lat[:hi - lo])
+      out_l.append(lat[hi - lo:])
+    return {"latents_w": np.concatenate(out_w), "latents_l": np.concatenate(out_l),
+            "text_states": self.encode_text(ids), "input_ids": ids}
+
+
+@dataclasses.dataclass
+class CacheResult:
+  """`path` is the finished dataset (None if chunks are still missing)."""
+
+  path: Path | None
+  num_chunks: int
+  chunks_computed: int
+  chunks_skipped: int
+  seconds: float
+
+
+def _chunk_path(work: Path, c: int) -> Path:
+  return work / f"chunk_{c:06d}.npz"
+
+
+def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+  os.replace(tmp, path)
+
+
+def cache_pairs(input_path: str | Path, output_dir: str | Path, encoder: PairEncoder, *,
+                split: str = "train", chunk_size: int = 1024, latent_dtype: str = "float32",
+                states_dtype: str = "float32", keep_images: bool = False,
+                max_chunks: int | None = None, process_index: int | None = None,
+                process_count: int | None = None, keep_work: bool = False) -> CacheResult:
+  """Encode every pair of `input_path[split]` and write a latent pair dataset to `output_dir`.
+
+  `max_chunks` bounds how many chunks this call computes (for time-limited or preemptible
+  jobs; a later call resumes). Returns a `CacheResult`; its `path` is None while chunks are
+  missing. A finished dataset in `output_dir` is returned as is.
+  """
+  import jax
+
+  t0 = time.time()
+  output_dir = Path(output_dir)
+  try:
+    return CacheResult(tfds_pairs.find_dataset_dir(output_dir), 0, 0, 0, 0.0)
+  except FileNotFoundError:
+    pass
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  src_ds = tfds_pairs.open_pairs(input_path)
+  if not src_ds.schema.images:
+    raise ValueError(f"{src_ds.path} holds no images (schema {src_ds.schema}); nothing to cache")
+  src = src_ds.source(split)
+  n = len(src)
+  num_chunks = -(-n // chunk_size)
+  work = output_dir / WORK_DIR
+  work.mkdir(parents=True, exist_ok=True)
+  manifest = {"source": str(src_ds.path.resolve()), "split": split, "num_records": n,
+              "chunk_size": chunk_size, "encoder": encoder.fingerprint()}
+  manifest_path = work / "manifest.json"
+  if manifest_path.is_file():
+    old = json.loads(manifest_path.read_text())
+    if old != manifest:
+      raise ValueError(f"{work} holds chunks made with other settings:\n  {old}\nvs now\n  "
+                       f"{manifest}\nresume with the same settings or delete {work}")
+  elif pi == 0:
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+
+  computed = skipped = 0
+  for c in range(num_chunks):
+    if c % pc != pi:
+      continue
+    path = _chunk_path(work, c)
+    if path.is_file():
+      skipped += 1
+      continue
+    if max_chunks is not None and computed >= max_chunks:
+      break
+    lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
+    records = src.__getitems__(list(range(lo, hi)))
+    out = encoder.encode_records(records, np.arange(lo, hi))
+    _save_atomic(path, {"latents_w": out["latents_w"].astype(latent_dtype),
+                        "latents_l": out["latents_l"].astype(latent_dtype),
+                        "text_states": out["text_states"].astype(states_dtype),
+                        "input_ids": out["input_ids"]})
+    computed += 1
+
+  if pc > 1 and jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("scdpo_jax.data.cache:chunks_done")
+  missing = [c for c in range(num_chunks) if not _chunk_path(work, c).is_file()]
+  if missing or pi != 0:
+    return CacheResult(None, num_chunks, computed, skipped, time.time() - t0)
+
+  first = np.load(_chunk_path(work, 0)) if num_chunks else None
+  if first is None:
+    raise ValueError(f"{src_ds.path} split {split!r} is empty")
+  schema = tfds_pairs.PairSchema(
+      token_length=int(first["input_ids"].shape[1]), images=keep_images,
+      latent_shape=tuple(first["latents_w"].shape[1:]),
+      text_states_shape=tuple(first["text_states"].shape[1:]), latent_dtype=latent_dtype,
+      states_dtype=states_dtype)
+
+  def examples():
+    for c in range(num_chunks):
+      arrays = np.load(_chunk_path(work, c))
+      lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
+      for i, rec in enumerate(src.__getitems__(list(range(lo, hi)))):
+        ex = {k: rec[k] for k in ("pair_id", "prompt", "category", "is_harmful", "hflip_ok",
+                                  *tfds_pairs.SCALAR_FLOAT_KEYS)}
+        ex.update({k: arrays[k][i] for k in ("latents_w", "latents_l", "text_states",
+                                             "input_ids")})
+        if keep_images:
+          ex["image_w"], ex["image_l"] = rec["image_w"], rec["image_l"]
+        yield ex
+
+  metadata = {"cache": {**manifest, "latent_dtype": latent_dtype, "states_dtype": states_dtype},
+              "source_metadata": src_ds.metadata}
+  path = tfds_pairs.write_pairs(output_dir, {split: examples()}, schema,
+                                description=f"cached latents of {src_ds.path}",
+                                metadata=metadata)
+  if not keep_work:
+    shutil.rmtree(work)
+  return CacheResult(path, num_chunks, computed, skipped, time.time() - t0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m scdpo_jax.data.cache",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("--input", required=True, help="image pair dataset")
+  parser.add_argument("--output", required=True, help="new folder for the latent dataset")
+  parser.add_argument("--pretrained", required=True, help="diffusers SD folder")
+  parser.add_argument("--split", default="train")
+  parser.add_argument("--resolution", type=int, default=None)
+  parser.add_argument("--latents", choices=LATENT_MODES, default="mean")
+  parser.add_argument("--text_layer", type=int, default=-1)
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--chunk_size", type=int, default=1024)
+  parser.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on TPU/GPU)")
+  parser.add_argument("--latent_dtype", choices=("float32", "float16"), default="float32")
+  parser.add_argument("--states_dtype", choices=("float32", "float16"), default="float32")
+  parser.add_argument("--keep_images", action="store_true")
+  parser.add_argument("--max_chunks", type=int, default=None)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  encoder = PairEncoder.from_pretrained(
+      args.pretrained, dtype=args.dtype, resolution=args.resolution, latent_mode=args.latents,
+      text_layer=args.text_layer, batch_size=args.batch_size, seed=args.seed)
+  result = cache_pairs(args.input, args.output, encoder, split=args.split,
+                       chunk_size=args.chunk_size, latent_dtype=args.latent_dtype,
+                       states_dtype=args.states_dtype, keep_images=args.keep_images,
+                       max_chunks=args.max_chunks)
+  print(json.dumps({**dataclasses.asdict(result), "path": str(result.path)}))
+  if result.path is None:
+    print("chunks are still missing: run the same command again to resume", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

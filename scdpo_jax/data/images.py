@@ -1,0 +1,71 @@
+"""Host-side image helpers: encoded bytes <-> uint8 arrays, resizing, value ranges.
+
+Conventions: decoded images are uint8 (H, W, 3) RGB, channels-last. Model images are float32
+(..., H, W, 3) in [-1, 1] (`x = u8 / 127.5 - 1`), the VAE's input range. Resizing follows the
+Stable Diffusion training recipes (torchvision `Resize(size)` + `CenterCrop(size)`): scale the
+shorter side to `size` with bicubic interpolation, then crop the centre square. This is also what
+`CLIPImageProcessor` does before normalising.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+class UnreadableImageError(ValueError):
+  """The bytes are not an image Pillow can decode (truncated, wrong format, empty)."""
+
+
+def decode_image(data: bytes) -> np.ndarray:
+  """Encoded image bytes (PNG, JPEG, WebP, ... anything Pillow reads) -> uint8 (H, W, 3) RGB."""
+  if not data:
+    raise UnreadableImageError("empty image bytes")
+  try:
+    with Image.open(io.BytesIO(bytes(data))) as img:
+      img.load()  # decode fully: truncated files fail here, not later
+      return np.asarray(img.convert("RGB"), np.uint8)
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise UnreadableImageError(f"cannot decode image ({len(data)} bytes): {e}") from e
+
+
+def encode_png(image: np.ndarray) -> bytes:
+  """uint8 (H, W, 3) -> PNG bytes."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f"encode_png expects uint8 (H, W, 3), got {image.dtype} {image.shape}")
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 (H, W, 3) -> uint8 (size, size, 3): bicubic resize of the shorter side, centre crop."""
+  h, w = image.shape[:2]
+  if (h, w) == (size, size):
+    return image
+  scale = size / min(h, w)
+  new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+  resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BICUBIC))
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  return resized[top:top + size, left:left + size]
+
+
+def to_model_range(images: np.ndarray) -> np.ndarray:
+  """uint8 [0, 255] -> float32 [-1, 1] (any leading shape)."""
+  return np.asarray(images, np.float32) / 127.5 - 1.0
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """float [-1, 1] -> uint8 [0, 255] (clipped, rounded)."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def load_model_images(encoded: list[bytes], size: int) -> np.ndarray:
+  """Decode, resize/centre-crop to `size` and map to [-1, 1]: float32 (B, size, size, 3)."""
+  out = np.empty((len(encoded), size, size, 3), np.float32)
+  for i, data in enumerate(encoded):
+    out[i] = to_model_range(resize_center_crop(decode_image(data), size))
+  return out

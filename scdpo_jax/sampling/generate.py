@@ -1,0 +1,181 @@
+"""Text-to-image generation with a Stable Diffusion of our Flax models: one jitted function
+(text encoder -> guided sampler scan -> VAE decode), batch-sharded over the mesh.
+
+Layout: images come back channels-last (B, H, W, 3) float32 in [-1, 1]; latents are
+(B, H/f, W/f, C) with f the VAE downsampling factor. Prompt states are the text encoder's
+`last_hidden_state` (what SD 1.x and diffusers' SD 2.x use). Each sample is fully determined by
+(prompt, negative prompt, seed, image index, guidance scale) and the settings (see
+`samplers.py` on randomness): batch composition, batch size and device count do not change it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from scdpo_jax import parallel
+from scdpo_jax.models import tokenizer as tokenizer_lib
+from scdpo_jax.models import unet as unet_lib
+from scdpo_jax.models import vae as vae_lib
+from scdpo_jax.models.pipeline import StableDiffusion
+from scdpo_jax.sampling import guards, samplers
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+  """What a generation run does besides the prompts.
+
+  `sampler` "ddim" | "dpmsolver++"; `eta` (DDIM only); `scheduler_overrides` replace keys of the
+  checkpoint's scheduler config (e.g. {"timestep_spacing": "trailing"}); `height`/`width` in
+  pixels (None: the UNet's sample_size times the VAE factor); `guard` the guidance/safety guard.
+  """
+
+  sampler: str = "ddim"
+  num_steps: int = 50
+  eta: float = 0.0
+  height: int | None = None
+  width: int | None = None
+  guard: guards.GuardConfig = dataclasses.field(default_factory=guards.GuardConfig)
+  scheduler_overrides: tuple[tuple[str, Any], ...] = ()
+
+
+class TextToImage:
+  """Generate batches of images: `__call__(prompts, seeds, image_indices, guidance_scales,
+  negative_prompts) -> (B, H, W, 3) float32 numpy in [-1, 1]`.
+
+  `batch_size` is the compiled batch: shorter requests are padded (outputs dropped), longer ones
+  split. With a `mesh`, the batch axis is sharded over the mesh's (data, fsdp) axes
+  (`batch_size` must divide over them) and the parameters follow their logical axis names under
+  `rules` (replicated on a pure data-parallel mesh). Multi-process: every process passes the
+  same full request and gets the full images back.
+  """
+
+  def __init__(self, sd: StableDiffusion, settings: SamplingSettings, *, batch_size: int = 4,
+               mesh: Mesh | None = None, rules=parallel.DEFAULT_RULES):
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "schedule"):
+      if getattr(sd, name) is None:
+        raise ValueError(f"TextToImage needs the pipeline component {name!r}")
+    self.sd = sd
+    self.settings = settings
+    self.batch_size = int(batch_size)
+    self.mesh = mesh
+    factor = sd.vae.config.downsample_factor
+    default = sd.unet.config.sample_size * factor
+    self.height = int(settings.height or default)
+    self.width = int(settings.width or default)
+    if self.height % factor or self.width % factor:
+      raise ValueError(f"height/width must be multiples of the VAE factor {factor}, got "
+                       f"{self.height}x{self.width}")
+    self.latent_shape = (self.height // factor, self.width // factor,
+                         sd.unet.config.in_channels)
+    self.plan = samplers.make_plan(sd.schedule, settings.sampler, settings.num_steps,
+                                   eta=settings.eta, **dict(settings.scheduler_overrides))
+    self.max_length = sd.text_encoder.config.max_position_embeddings
+    self._uncond_ids = tokenizer_lib.tokenize(sd.tokenizer, [""], self.max_length)
+    params = (sd.unet_params, sd.vae_params, sd.text_encoder_params)
+    if mesh is not None:
+      parallel.check_batch_fits(self.batch_size, mesh, "generation batch_size")
+      shardings = self._param_shardings(rules)
+      self.params = jax.tree.map(_place, params, shardings)
+      batch = lambda ndim: parallel.batch_sharding(mesh, ndim)
+      self._batch_sharding = batch(4)
+      self._input_shardings = (batch(2), batch(2), batch(1), batch(1), batch(1))
+      self._fn = jax.jit(self._generate, in_shardings=(
+          shardings, *self._input_shardings, parallel.replicated(mesh),
+          parallel.replicated(mesh)), out_shardings=batch(4))
+    else:
+      self.params = jax.device_put(params)
+      self._batch_sharding = None
+      self._input_shardings = None
+      self._fn = jax.jit(self._generate)
+
+  def _param_shardings(self, rules):
+    sd = self.sd
+    unet_shapes = unet_lib.unet_param_shapes(sd.unet)
+    vae_shapes = vae_lib.abstract_variables(sd.vae)["params"]
+    from scdpo_jax.models import clip
+    text_shapes = clip.abstract_params(sd.text_encoder)
+    return tuple(parallel.logical_shardings(s, self.mesh, rules)
+                 for s in (unet_shapes, vae_shapes, text_shapes))
+
+  # ------------------------------------------------------------------------------ jitted body
+
+  def _generate(self, params, prompt_ids, negative_ids, seeds, image_indices, guidance_scales,
+                guard, plan):
+    unet_params, vae_params, text_params = params
+    sd = self.sd
+    encode = lambda ids: sd.text_encoder.apply({"params": text_params}, ids).last_hidden_state
+    prompt_states = encode(prompt_ids)
+    uncond = jnp.broadcast_to(encode(jnp.asarray(self._uncond_ids)), prompt_states.shape)
+    negative = encode(negative_ids) if guard.needs_negative else None
+    cond = guards.Conditioning(prompt=prompt_states, unconditional=uncond,
+                               guidance_scale=guidance_scales, negative=negative)
+
+    def model(x, t, states):
+      return sd.unet.apply({"params": unet_params}, x, t, states)
+
+    keys = samplers.sample_keys(seeds, image_indices)
+    x_start = samplers.initial_noise(keys, self.latent_shape)
+    latents = samplers.run_sampler(plan, guards.guided_denoiser(model, cond, guard), x_start,
+                                   keys, batch_sharding=self._batch_sharding)
+    images = sd.vae.apply({"params": vae_params}, vae_lib.unscale_latents(latents, sd.vae.config),
+                          method="decode")
+    return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
+
+  # ------------------------------------------------------------------------------ host API
+
+  def _ids(self, prompts: Sequence[str]) -> np.ndarray:
+    return tokenizer_lib.tokenize(self.sd.tokenizer, list(prompts), self.max_length)
+
+  def __call__(self, prompts: Sequence[str], seeds: Sequence[int],
+               image_indices: Sequence[int], guidance_scales: Sequence[float],
+               negative_prompts: Sequence[str] | None = None) -> np.ndarray:
+    n = len(prompts)
+    if not (len(seeds) == len(image_indices) == len(guidance_scales) == n):
+      raise ValueError("prompts, seeds, image_indices and guidance_scales must have one entry "
+                       f"per image; got {len(prompts)}, {len(seeds)}, {len(image_indices)}, "
+                       f"{len(guidance_scales)}")
+    guard = self.settings.guard
+    if negative_prompts is None:
+      if guard.needs_negative:
+        raise ValueError(f"the guard {guard.describe()} needs negative_prompts")
+      negative_prompts = [""] * n
+    out = []
+    for start in range(0, n, self.batch_size):
+      stop = min(start + self.batch_size, n)
+      pad = self.batch_size - (stop - start)
+      take = lambda xs: list(xs[start:stop]) + [xs[stop - 1]] * pad
+      inputs = (self._ids(take(prompts)), self._ids(take(negative_prompts)),
+                np.asarray([int(s) % 2 ** 32 for s in take(seeds)], np.uint32),
+                np.asarray(take(image_indices), np.int32),
+                np.asarray(take(guidance_scales), np.float32))
+      if self._input_shardings is not None:
+        inputs = tuple(_place(x, s) for x, s in zip(inputs, self._input_shardings))
+      images = self._fn(self.params, *inputs, guard, self.plan)
+      out.append(_to_host(images)[: stop - start])
+    return np.concatenate(out) if out else np.zeros((0, self.height, self.width, 3), np.float32)
+
+
+def _place(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A global array from a value every process holds in full (works multi-process too)."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The full (global) array on every process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def images_to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] float -> uint8 with diffusers' rounding ((x / 2 + 0.5) * 255, round half to even)."""
+  x = np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0.0, 1.0)
+  return (x * 255).round().astype(np.uint8)

@@ -1,0 +1,353 @@
+"""The `train` job: SC-DPO / Diffusion-DPO fine-tuning of a Stable Diffusion UNet.
+
+Order of work: check the config against the mesh, the pretrained folder and the data (clear
+errors before any compile) -> load the base model -> build the sharded train state with
+`jax.eval_shape` + a jitted init with `out_shardings` -> restore the latest checkpoint if the
+workdir has one -> one jitted, state-donating train step per global batch -> metrics, progress,
+checkpoints (every N steps, at the end, and on SIGTERM).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax.core import meta
+
+from scdpo_jax import parallel
+from scdpo_jax.data.batch import PAIR_KEYS
+from scdpo_jax.models import pipeline, tokenizer, unet as unet_lib
+from scdpo_jax.train import optim
+from scdpo_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from scdpo_jax.train.metrics_writer import MetricsWriter
+from scdpo_jax.train.step import StepConfig, TrainState, make_train_step
+
+# Dense bf16 peak per device, for MFU (FLOP/s). Override with config.log.peak_flops_per_device.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "V100": 125e12,
+              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+              "TPU v6 lite": 918e12, "TPU v6e": 918e12}
+
+DATA_SOURCES = ("memory_random", "tfds")
+
+
+# ------------------------------------------------------------------------------ config checks
+
+def step_config(config: ml_collections.ConfigDict) -> StepConfig:
+  t = config.train
+  return StepConfig(
+      loss_type=t.loss_type, beta=float(t.beta), safety_mode=t.safety_mode, gamma=float(t.gamma),
+      gamma_start=float(t.gamma_start), gamma_ramp_steps=int(t.gamma_ramp_steps),
+      focus_normalize=bool(t.focus_normalize), cost_budget=float(t.cost_budget),
+      dual_lr=float(t.dual_lr), lam_max=float(t.lam_max),
+      caption_dropout=float(t.caption_dropout), grad_accum=int(t.grad_accum))
+
+
+def check_config(config: ml_collections.ConfigDict, mesh) -> None:
+  """Everything that can be checked before loading weights or compiling."""
+  t = config.train
+  step_config(config).validate()
+  if t.pairs_per_step % t.grad_accum:
+    raise ValueError(f"train.pairs_per_step={t.pairs_per_step} is not a multiple of "
+                     f"train.grad_accum={t.grad_accum}")
+  parallel.check_batch_fits(t.pairs_per_step // t.grad_accum, mesh,
+                            what=f"micro-batch (pairs_per_step / grad_accum = "
+                                 f"{t.pairs_per_step}/{t.grad_accum})")
+  if config.data.source not in DATA_SOURCES:
+    raise ValueError(f"data.source={config.data.source!r}; supported: {DATA_SOURCES}")
+  if config.model.pretrained:
+    pipeline.check_pipeline_folder(config.model.pretrained,
+                                   ("unet", "text_encoder", "tokenizer", "scheduler"))
+  if config.data.source == "tfds":
+    from scdpo_jax.data import loader as tfds_loader
+    tfds_loader.check_pair_dataset(config.data)
+
+
+def maybe_initialize_distributed(dist: ml_collections.ConfigDict) -> None:
+  """`jax.distributed.initialize` when asked (explicit coordinator, or auto-detect on pods)."""
+  if dist.coordinator_address:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=dist.coordinator_address,
+                               num_processes=dist.num_processes, process_id=dist.process_id)
+  elif dist.auto:
+    jax.distributed.initialize()
+
+
+# ------------------------------------------------------------------------------ model and data
+
+def base_model_folder(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+  """The pretrained folder, or a tiny random pipeline written once into the workdir."""
+  if config.model.pretrained:
+    return Path(config.model.pretrained)
+  folder = workdir / "base_pipeline"
+  if not (folder / "model_index.json").is_file():
+    if jax.process_index() == 0:
+      tiny = config.model.tiny
+      tok = tokenizer.write_byte_level_tokenizer(
+          workdir / "base_tokenizer", tiny.text_encoder.max_position_embeddings)
+      sd = pipeline.random_stable_diffusion(
+          tiny.unet.to_dict(), tiny.vae.to_dict(), tiny.text_encoder.to_dict(),
+          tiny.scheduler.to_dict(), tok, seed=config.seed)
+      pipeline.save_stable_diffusion(folder, sd)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("base_pipeline_written")
+  return folder
+
+
+def encode_prompts(sd: pipeline.StableDiffusion, prompts: list[str], layer: int) -> np.ndarray:
+  ids = tokenizer.tokenize(sd.tokenizer, prompts)
+  fn = jax.jit(lambda p, i: sd.text_encoder.apply(
+      {"params": p}, i, layer=layer, method="encode_prompt_states"))
+  return np.asarray(fn(sd.text_encoder_params, ids), np.float32)
+
+
+def random_pairs(config: ml_collections.ConfigDict, sd: pipeline.StableDiffusion):
+  """An in-memory pair source with the base model's shapes (smoke tests, benchmarks)."""
+  from scdpo_jax.data.memory import InMemoryPairs
+
+  d = config.data
+  rng = np.random.default_rng(d.seed)
+  n = d.num_pairs
+  s, c = sd.unet.config.sample_size, sd.unet.config.in_channels
+  prompts = [f"prompt number {i % 16}" for i in range(n)]
+  states = encode_prompts(sd, sorted(set(prompts)), config.model.text_layer)
+  lookup = {p: i for i, p in enumerate(sorted(set(prompts)))}
+  harmful = (rng.random(n) < d.harmful_fraction).astype(np.int32)
+  arrays = {
+      "latents_w": rng.standard_normal((n, s, s, c)).astype(np.float32),
+      "latents_l": rng.standard_normal((n, s, s, c)).astype(np.float32),
+      "text_states": states[[lookup[p] for p in prompts]],
+      "is_harmful": harmful,
+      "cost_w": (rng.random(n) * 0.3).astype(np.float32),
+      "cost_l": np.where(harmful, 0.5 + 0.5 * rng.random(n), 0.3 * rng.random(n)).astype(
+          np.float32),
+      "reward_w": rng.standard_normal(n).astype(np.float32),
+      "reward_l": rng.standard_normal(n).astype(np.float32),
+  }
+  return InMemoryPairs(arrays, seed=d.seed, hflip=d.hflip)
+
+
+def make_pair_source(config: ml_collections.ConfigDict, sd: pipeline.StableDiffusion):
+  if config.data.source == "memory_random":
+    return random_pairs(config, sd)
+  from scdpo_jax.data import loader as tfds_loader
+  return tfds_loader.open_pair_source(config.data)
+
+
+# ------------------------------------------------------------------------------ state
+
+def host_to_global(tree: Any, shardings: Any) -> Any:
+  """Place host NumPy arrays (identical on every process) as global arrays with `shardings`."""
+  def put(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.tree.map(put, tree, shardings)
+
+
+class TrainSetup:
+  """Everything the loop needs: modules, shardings, jitted init and step."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh, sd: pipeline.StableDiffusion):
+    self.config = config
+    self.mesh = mesh
+    mc, t = config.model, config.train
+    self.rules = parallel.rules_from_config(config.sharding_rules)
+    compute = jnp.dtype(mc.dtype)
+    self.policy = unet_lib.UNet2DConditionModel(
+        sd.unet.config, dtype=compute, param_dtype=jnp.float32, attention_impl=mc.attention_impl,
+        remat_policy=mc.remat_policy)
+    self.reference = unet_lib.UNet2DConditionModel(
+        sd.unet.config, dtype=compute, param_dtype=jnp.dtype(mc.ref_param_dtype),
+        attention_impl=mc.attention_impl)
+    self.optimizer = optim.make_optimizer(config.optimizer, t.num_steps, t.pairs_per_step)
+    self.step_cfg = step_config(config)
+
+    boxed_params = unet_lib.unet_param_shapes(self.policy)
+    self.param_shardings = parallel.logical_shardings(boxed_params, mesh, self.rules)
+    ref_boxed = unet_lib.unet_param_shapes(self.reference)
+    self.ref_shardings = parallel.logical_shardings(ref_boxed, mesh, self.rules)
+    boxed_state = jax.eval_shape(self._new_state, boxed_params)
+    self.state_shardings = parallel.logical_shardings(boxed_state, mesh, self.rules)
+    self.abstract_state = meta.unbox(boxed_state)
+
+    self.init_fn = jax.jit(self._new_state, in_shardings=(self.param_shardings,),
+                           out_shardings=self.state_shardings)
+    step = make_train_step(apply_fn=self.policy.apply, ref_apply_fn=self.reference.apply,
+                           optimizer=self.optimizer, schedule=sd.schedule, cfg=self.step_cfg)
+    self.batch_shardings = None
+    self._step = step
+    self.step_fn = None
+
+  def _new_state(self, params) -> TrainState:
+    t = self.config.train
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.optimizer.init(params),
+                      lam=jnp.asarray(t.lam, jnp.float32), skipped=jnp.zeros((), jnp.int32),
+                      rng=jax.random.PRNGKey(self.config.seed))
+
+  def compile_step(self, example_batch: dict, empty_states: np.ndarray):
+    """Jit (and AOT-compile) the step for this batch structure; returns compile seconds."""
+    self.batch_shardings = {k: parallel.batch_sharding(self.mesh, np.ndim(v))
+                            for k, v in example_batch.items()}
+    repl = parallel.replicated(self.mesh)
+    jitted = jax.jit(self._step,
+                     in_shardings=(self.state_shardings, self.ref_shardings, self.batch_shardings,
+                                   repl),
+                     out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
+    t0 = time.time()
+    global_shapes = {k: jax.ShapeDtypeStruct(
+        (v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype,
+        sharding=self.batch_shardings[k]) for k, v in example_batch.items()}
+    lowered = jitted.lower(
+        abstract_with_shardings(self.abstract_state, self.state_shardings),
+        jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                     meta.unbox(unet_lib.unet_param_shapes(self.reference)), self.ref_shardings),
+        global_shapes, jax.ShapeDtypeStruct(empty_states.shape, empty_states.dtype,
+                                            sharding=repl))
+    self.step_fn = lowered.compile()
+    compile_s = time.time() - t0
+    self.flops_per_device = _flops(self.step_fn)
+    return compile_s
+
+
+def _flops(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0]
+    return float(cost.get("flops", 0.0)) or None
+  except Exception:  # not every backend reports costs
+    return None
+
+
+def peak_flops(config) -> float | None:
+  if config.log.peak_flops_per_device:
+    return float(config.log.peak_flops_per_device)
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops
+  return None
+
+
+# ------------------------------------------------------------------------------ the job
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary and exits."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handler(self, signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint and stopping")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+  maybe_initialize_distributed(config.distributed)
+  mesh = parallel.mesh_from_config(config.mesh)
+  check_config(config, mesh)
+  t = config.train
+  logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+
+  folder = base_model_folder(config, workdir)
+  sd = pipeline.load_stable_diffusion(
+      folder, ("unet", "text_encoder", "tokenizer", "scheduler"),
+      dtype=jnp.float32, param_dtype=jnp.float32)
+  source = make_pair_source(config, sd)
+  empty_states = encode_prompts(sd, [""], config.model.text_layer)
+
+  setup = TrainSetup(config, mesh, sd)
+  ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
+                      async_save=config.checkpoint.async_save)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, ckpt_meta = ckpt.restore(latest, abstract_with_shardings(setup.abstract_state,
+                                                                    setup.state_shardings))
+    logging.info("resumed from step %d (data position %d pairs)", latest,
+                 ckpt_meta["data_position"])
+  else:
+    params = host_to_global(sd.unet_params, setup.param_shardings)
+    state = setup.init_fn(params)
+  ref_params = host_to_global(
+      jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(config.model.ref_param_dtype)),
+                   sd.unet_params), setup.ref_shardings)
+  del sd.unet_params
+
+  start = int(state.step)
+  example = source.batch(start, t.pairs_per_step)
+  compile_s = setup.compile_step({k: example[k] for k in PAIR_KEYS}, empty_states)
+  logging.info("train step compiled in %.1fs", compile_s)
+  empty = jax.device_put(empty_states, parallel.replicated(mesh))
+  peak = peak_flops(config)
+
+  writer = MetricsWriter(workdir, t.num_steps, tensorboard=config.log.tensorboard)
+  config_json = json.loads(config.to_json_best_effort())
+  losses = []
+  last_metrics: dict = {}
+  window_t0, window_steps = time.time(), 0
+  with _Preemption() as preempt:
+    step = start
+    while step < t.num_steps:
+      local = source.batch(step, t.pairs_per_step)
+      batch = parallel.global_batch_from_local({k: local[k] for k in PAIR_KEYS}, mesh)
+      state, metrics = setup.step_fn(state, ref_params, batch, empty)
+      step += 1
+      window_steps += 1
+      losses.append(metrics["objective"])
+      if step % config.log.every_steps == 0 or step == t.num_steps:
+        metrics = jax.device_get(metrics)
+        elapsed = time.time() - window_t0
+        steps_per_s = window_steps / max(elapsed, 1e-9)
+        metrics["pairs_per_s"] = steps_per_s * t.pairs_per_step
+        metrics["step_time_s"] = 1.0 / max(steps_per_s, 1e-9)
+        metrics["learning_rate"] = float(optim.learning_rate_schedule(
+            config.optimizer, t.num_steps, t.pairs_per_step)(step - 1))
+        metrics["mfu"] = (setup.flops_per_device * steps_per_s / peak
+                          if peak and setup.flops_per_device else None)
+        writer.write(step, metrics)
+        writer.progress(step, metrics, steps_per_s)
+        last_metrics = metrics
+        window_t0, window_steps = time.time(), 0
+      stop = preempt.requested
+      if step % config.checkpoint.every_steps == 0 or step == t.num_steps or stop:
+        ckpt.save(step, state, {"step": step, "data_position": step * t.pairs_per_step,
+                                "skipped": int(state.skipped)}, config_json, force=True)
+      if stop:
+        break
+  ckpt.close()
+  writer.close()
+  losses = [float(x) for x in jax.device_get(losses)]
+  result = {"start_step": start, "end_step": step, "losses": losses,
+            "skipped": int(state.skipped), "compile_s": compile_s,
+            "preempted": bool(preempt.requested),
+            "last_metrics": {k: (None if v is None else float(v))
+                             for k, v in last_metrics.items()}}
+  if jax.process_index() == 0:
+    (workdir / "train_result.json").write_text(json.dumps(result, indent=2))
+    if config.train.export_at_end and step == t.num_steps:
+      params = jax.device_get(state.params)
+      unet_lib.save_unet(workdir / "export" / "unet", setup.policy.config, params)
+      logging.info("exported the trained UNet in diffusers format to %s", workdir / "export/unet")
+  return result

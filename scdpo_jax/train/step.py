@@ -1,0 +1,235 @@
+"""Train state and the jitted SC-DPO train step.
+
+One step consumes the global batch of `pairs_per_step` pairs as `grad_accum` micro-batches
+(`lax.scan`), so effective batches of thousands of pairs fit in memory. For every micro-batch:
+
+1. caption dropout: with probability `caption_dropout` a pair's text states become the empty
+   prompt's (as the public Diffusion-DPO code's `proportion_empty_prompts`);
+2. one timestep t ~ U{0..T-1} and one noise eps per pair, **shared by winner and loser** (drawn
+   for the global batch before the split, so results do not depend on `grad_accum`);
+3. the policy UNet (fp32 master weights, compute in `model.dtype`) and the frozen reference UNet
+   (its own params, passed in as an argument, never closed over, no gradient) predict on
+   [x_t^w ; x_t^l] in one call each;
+4. per-pair MSEs -> DPO logit (+ cost margin for variants B/C) -> focusing weights -> weighted
+   sums (see `losses.py`); the normalisation by sum(w) is exact across micro-batches.
+
+A step whose loss or gradients are not finite leaves params and optimizer state unchanged and
+increments `state.skipped`. Randomness is `fold_in(rng, step)`, so a resumed run draws the same
+numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from scdpo_jax.models import schedule as sch
+from scdpo_jax.train import losses as L
+
+LOSS_TYPES = ("dpo", "sft")
+SAFETY_MODES = ("none", "relabel", "margin", "dual")
+TAGS = ("harmful", "clean")
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  lam: jax.Array  # safety weight lambda (dual variable in mode "dual")
+  skipped: jax.Array  # non-finite steps skipped so far
+  rng: jax.Array  # base key; step keys are fold_in(rng, step)
+
+
+@struct.dataclass
+class StepConfig:
+  """Static hyper-parameters of the step (hashable, part of the compiled program)."""
+
+  loss_type: str = struct.field(pytree_node=False, default="dpo")
+  beta: float = struct.field(pytree_node=False, default=5000.0)
+  safety_mode: str = struct.field(pytree_node=False, default="margin")
+  gamma: float = struct.field(pytree_node=False, default=0.0)
+  gamma_start: float = struct.field(pytree_node=False, default=0.0)
+  gamma_ramp_steps: int = struct.field(pytree_node=False, default=0)
+  focus_normalize: bool = struct.field(pytree_node=False, default=True)
+  cost_budget: float = struct.field(pytree_node=False, default=0.0)
+  dual_lr: float = struct.field(pytree_node=False, default=0.0)
+  lam_max: float = struct.field(pytree_node=False, default=1e4)
+  caption_dropout: float = struct.field(pytree_node=False, default=0.2)
+  grad_accum: int = struct.field(pytree_node=False, default=1)
+
+  def validate(self) -> None:
+    if self.loss_type not in LOSS_TYPES:
+      raise ValueError(f"train.loss_type={self.loss_type!r}; supported: {LOSS_TYPES}")
+    if self.safety_mode not in SAFETY_MODES:
+      raise ValueError(f"train.safety_mode={self.safety_mode!r}; supported: {SAFETY_MODES}")
+    if not 0.0 <= self.caption_dropout < 1.0:
+      raise ValueError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+    if self.grad_accum < 1:
+      raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+
+
+def _tree_norm(tree) -> jax.Array:
+  return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+
+
+def _pair_forward(apply_fn, params, x_w, x_l, t, states):
+  """One UNet call on [x_w ; x_l] (shared t and text), returned as (pred_w, pred_l)."""
+  pred = apply_fn({"params": params}, jnp.concatenate([x_w, x_l]), jnp.concatenate([t, t]),
+                  jnp.concatenate([states, states]))
+  return jnp.split(pred, 2)
+
+
+def draw_randomness(rng: jax.Array, batch: dict, num_train_timesteps: int,
+                    caption_dropout: float) -> dict:
+  """Per-pair timestep, noise (shared by winner and loser) and caption-dropout flag.
+
+  Drawn for the whole global batch before it is split into micro-batches, so the result does not
+  depend on `grad_accum`.
+  """
+  n = batch["latents_w"].shape[0]
+  k_drop, k_t, k_noise = jax.random.split(rng, 3)
+  return {
+      "t": jax.random.randint(k_t, (n,), 0, num_train_timesteps),
+      "noise": jax.random.normal(k_noise, batch["latents_w"].shape, jnp.float32),
+      "drop_caption": jax.random.uniform(k_drop, (n,)) < caption_dropout,
+  }
+
+
+def micro_batch_terms(params, ref_params, batch, lam, gamma, *, apply_fn, ref_apply_fn,
+                      schedule: sch.NoiseSchedule, empty_states, cfg: StepConfig):
+  """(weighted loss sum, (weight sum, per-pair metrics)) for one micro-batch."""
+  b = batch["latents_w"].shape[0]
+  states = batch["text_states"]
+  if cfg.caption_dropout > 0:
+    states = jnp.where(batch["drop_caption"][:, None, None], empty_states.astype(states.dtype),
+                       states)
+  t, noise = batch["t"], batch["noise"]
+  x0_w, x0_l = batch["latents_w"], batch["latents_l"]
+  cost_w, cost_l = batch["cost_w"], batch["cost_l"]
+  if cfg.safety_mode == "relabel":  # variant A applied on the fly: higher r - lambda*C wins
+    swap = L.relabel_by_combined_score(batch["reward_w"], batch["reward_l"], cost_w, cost_l, lam)
+    sw = swap[:, None, None, None]
+    x0_w, x0_l = jnp.where(sw, x0_l, x0_w), jnp.where(sw, x0_w, x0_l)
+    cost_w, cost_l = jnp.where(swap, cost_l, cost_w), jnp.where(swap, cost_w, cost_l)
+  x_w, x_l = sch.add_noise(schedule, x0_w, noise, t), sch.add_noise(schedule, x0_l, noise, t)
+  target_w = sch.training_target(schedule, x0_w, noise, t)
+  target_l = sch.training_target(schedule, x0_l, noise, t)
+
+  pred_w, pred_l = _pair_forward(apply_fn, params, x_w, x_l, t, states)
+  m_w, m_l = L.per_sample_mse(pred_w, target_w), L.per_sample_mse(pred_l, target_l)
+  ref_w, ref_l = jax.lax.stop_gradient(
+      _pair_forward(ref_apply_fn, ref_params, x_w, x_l, t, states))
+  r_w, r_l = L.per_sample_mse(ref_w, target_w), L.per_sample_mse(ref_l, target_l)
+
+  z = L.dpo_logit(m_w, m_l, r_w, r_l, cfg.beta)
+  if cfg.safety_mode in ("margin", "dual"):
+    z = z + L.cost_margin(cost_w, cost_l, lam)
+  if cfg.loss_type == "sft":
+    weights = jnp.ones_like(z)
+    total, wsum = jnp.sum(m_w), jnp.asarray(b, jnp.float32)
+  else:
+    weights = L.focusing_weights(z, gamma)
+    total, wsum = L.weighted_dpo_terms(z, weights)
+    if not cfg.focus_normalize:
+      wsum = jnp.asarray(b, jnp.float32)
+  p = jax.nn.sigmoid(jax.lax.stop_gradient(z))
+  per_pair = {
+      "loss": -jax.nn.log_sigmoid(jax.lax.stop_gradient(z)),
+      "implicit_acc": (z > 0).astype(jnp.float32),
+      "model_mse_w": m_w, "model_mse_l": m_l, "ref_mse_w": r_w, "ref_mse_l": r_l,
+      "focus_weight": weights, "logit": jax.lax.stop_gradient(z),
+      "policy_cost": p * cost_w + (1 - p) * cost_l,
+  }
+  return total, (wsum, per_pair)
+
+
+def _tagged_sums(per_pair, is_harmful):
+  """Sums and counts of every per-pair metric, overall and per tag."""
+  harmful = is_harmful.astype(jnp.float32)
+  masks = {"all": jnp.ones_like(harmful), "harmful": harmful, "clean": 1.0 - harmful}
+  sums = {f"{k}/{tag}": jnp.sum(v * m) for k, v in per_pair.items() for tag, m in masks.items()}
+  counts = {f"count/{tag}": jnp.sum(m) for tag, m in masks.items()}
+  return sums, counts
+
+
+def make_train_step(*, apply_fn: Callable, ref_apply_fn: Callable, optimizer,
+                    schedule: sch.NoiseSchedule, cfg: StepConfig):
+  """Build `train_step(state, ref_params, batch, empty_states) -> (state, metrics)` (not jitted)."""
+  cfg.validate()
+
+  def train_step(state: TrainState, ref_params, batch, empty_states):
+    rng = jax.random.fold_in(state.rng, state.step)
+    gamma = L.scheduled_gamma(state.step, cfg.gamma, cfg.gamma_start, cfg.gamma_ramp_steps)
+    accum = cfg.grad_accum
+    n = batch["latents_w"].shape[0]
+
+    # (n, ...) -> (accum, n / accum, ...): micro-batch i takes rows i, i + accum, ... so that every
+    # micro-batch is spread over all devices of the batch-sharded input.
+    batch = {**batch, **draw_randomness(rng, batch, schedule.num_train_timesteps,
+                                        cfg.caption_dropout)}
+    micro = jax.tree.map(
+        lambda x: jnp.moveaxis(x.reshape((n // accum, accum) + x.shape[1:]), 1, 0), batch)
+    grad_fn = jax.value_and_grad(micro_batch_terms, has_aux=True)
+    terms = lambda p, mb: grad_fn(
+        p, ref_params, mb, state.lam, gamma, apply_fn=apply_fn, ref_apply_fn=ref_apply_fn,
+        schedule=schedule, empty_states=empty_states, cfg=cfg)
+
+    def body(carry, xs):
+      grads_acc, total_acc, wsum_acc, sums_acc = carry
+      mb = xs
+      (total, (wsum, per_pair)), grads = terms(state.params, mb)
+      sums, counts = _tagged_sums(per_pair, mb["is_harmful"])
+      sums = {**sums, **counts}
+      return (jax.tree.map(jnp.add, grads_acc, grads), total_acc + total, wsum_acc + wsum,
+              jax.tree.map(jnp.add, sums_acc, sums)), None
+
+    zeros_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    (_, (_, per_pair_shape)), _ = jax.eval_shape(terms, state.params,
+                                                 jax.tree.map(lambda x: x[0], micro))
+    shape_sums, shape_counts = jax.eval_shape(_tagged_sums, per_pair_shape,
+                                              jax.tree.map(lambda x: x[0], micro)["is_harmful"])
+    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32),
+                             {**shape_sums, **shape_counts})
+    init = (zeros_grads, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zero_sums)
+    if accum == 1:
+      (grads, total, wsum, sums), _ = body(init, jax.tree.map(lambda x: x[0], micro))
+    else:
+      (grads, total, wsum, sums), _ = jax.lax.scan(body, init, micro)
+
+    loss = total / wsum
+    grads = jax.tree.map(lambda g, p: (g / wsum).astype(p.dtype), grads, state.params)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(_tree_norm(grads))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    metrics = {}
+    for key, value in sums.items():
+      if key.startswith("count/"):
+        metrics[key] = value
+        continue
+      tag = key.rsplit("/", 1)[1]
+      metrics[key] = value / jnp.maximum(sums[f"count/{tag}"], 1.0)
+    lam = state.lam
+    if cfg.safety_mode == "dual":
+      lam = jnp.where(finite, L.dual_ascent_update(lam, metrics["policy_cost/all"],
+                                                   cfg.cost_budget, cfg.dual_lr, cfg.lam_max),
+                      lam)
+    metrics.update({
+        "objective": loss, "lambda": state.lam, "gamma": gamma,
+        "grad_norm": _tree_norm(grads), "param_norm": _tree_norm(state.params),
+        "update_norm": _tree_norm(updates), "finite": finite.astype(jnp.float32),
+        "skipped_total": state.skipped + (~finite).astype(jnp.int32),
+    })
+    new_state = state.replace(
+        step=state.step + 1, params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state), lam=lam,
+        skipped=state.skipped + (~finite).astype(jnp.int32))
+    return new_state, metrics
+
+  return train_step
