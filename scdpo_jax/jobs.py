@@ -11,6 +11,8 @@ import ml_collections
 JOBS = {
     "inspect": "scdpo_jax.inspect_job:run",
     "train": "scdpo_jax.train.loop:run",
+    "eval": "scdpo_jax.evaluation.job:run",
+    "cost_model": "scdpo_jax.cost_model.job:run",
 }
 
 

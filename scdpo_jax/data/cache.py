@@ -333,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        chunk_size=args.chunk_size, latent_dtype=args.latent_dtype,
                        states_dtype=args.states_dtype, keep_images=args.keep_images,
                        max_chunks=args.max_chunks)
-  print(json.dumps({**dataclasses.asdict(result), "path": str(result.path)}))
+  print(json.dumps({**dataclasses.asdict(result), "path": str(result.path),
+                    "mesh": dict(encoder.mesh.shape), "batch_size": encoder.batch_size}))
   if result.path is None:
     print("chunks are still missing: run the same command again to resume", file=sys.stderr)
   return 0

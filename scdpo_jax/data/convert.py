@@ -239,7 +239,7 @@ def _run_tasks(tasks: Iterable[RowTask], report: ConversionReport, workers: int
           yield example
 
 
-class _Tokenizer:
+class PromptTokenizer:
   """Optional prompt tokenisation (adds input_ids)."""
 
   def __init__(self, folder: str | None, max_length: int | None):
@@ -273,7 +273,7 @@ def convert(kind: str, tasks: Iterable[RowTask], output: str | Path, *, source: 
   output = Path(output)
   output.mkdir(parents=True, exist_ok=True)
   report = ConversionReport(kind=kind, source=source, max_bad_fraction=max_bad_fraction)
-  tok = _Tokenizer(tokenizer, max_length)
+  tok = PromptTokenizer(tokenizer, max_length)
   schema = tfds_pairs.PairSchema(token_length=tok.token_length, images=True)
 
   def examples():
@@ -360,15 +360,15 @@ def pickapic_tasks(input_dir: str | Path) -> Iterator[RowTask]:
       for batch in pf.iter_batches(batch_size=64, columns=cols):
         for row in batch.to_pylist():
           row_id = f"{rel}:{i}"
-          yield (row_id,), (lambda row=row, row_id=row_id: _pickapic_pair(row, row_id,
-                                                                          path.parent))
+          yield (row_id,), (lambda row=row, row_id=row_id, base=path.parent: _pickapic_pair(
+              row, row_id, base))
           i += 1
     else:
       with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f):
           row_id = f"{rel}:{i}"
-          yield (row_id,), (lambda line=line, row_id=row_id: _pickapic_pair(
-              _json_row(line), row_id, path.parent))
+          yield (row_id,), (lambda line=line, row_id=row_id, base=path.parent: _pickapic_pair(
+              _json_row(line), row_id, base))
 
 
 def _json_row(line: str) -> dict:
@@ -430,22 +430,23 @@ def _unpaired(message: str) -> Callable[[], None]:
 
 
 def _coprov2_long_tasks(rows: list[dict], name: str, images_dir: Path) -> list[RowTask]:
+  """Tasks in order of first appearance: a pair at the position of its first row."""
   sides: dict[str, dict[str, tuple[str, dict]]] = {}
-  order: list[str] = []
-  tasks: list[RowTask] = []
+  order: list[tuple[str, Any]] = []  # ("key", key) or ("task", RowTask)
   for i, row in enumerate(rows):
     row_id = f"{name}:{i}"
     m = _COPRO_SIDE.match(Path(row.get("image") or "").name)
     if not m:
-      tasks.append(((row_id,), _unpaired(
-          f"image name {row.get('image')!r} does not start with u_<key> or s_<key>")))
+      order.append(("task", ((row_id,), _unpaired(
+          f"image name {row.get('image')!r} does not start with u_<key> or s_<key>"))))
       continue
     entry = sides.setdefault(m["key"], {})
     if m["side"] in entry:
-      tasks.append(((row_id,), _unpaired(f"second {m['side']}_ image for key {m['key']!r}")))
+      order.append(("task", ((row_id,), _unpaired(
+          f"second {m['side']}_ image for key {m['key']!r}"))))
       continue
     if not entry:
-      order.append(m["key"])
+      order.append(("key", m["key"]))
     entry[m["side"]] = (row_id, row)
 
   def pair(key: str) -> dict:
@@ -463,14 +464,18 @@ def _coprov2_long_tasks(rows: list[dict], name: str, images_dir: Path) -> list[R
             "category": (unsafe.get("category") or safe.get("category") or "").strip(),
             "image_w": image_w, "image_l": image_l, "hflip_ok": hflip_allowed(prompt)}
 
-  for key in order:
-    entry = sides[key]
+  tasks: list[RowTask] = []
+  for what, value in order:
+    if what == "task":
+      tasks.append(value)
+      continue
+    entry = sides[value]
     if set(entry) != {"u", "s"}:
       ((side, (row_id, _)),) = entry.items()
       other = "s" if side == "u" else "u"
-      tasks.append(((row_id,), _unpaired(f"no {other}_ image for key {key!r}")))
-      continue
-    tasks.append(((entry["u"][0], entry["s"][0]), (lambda key=key: pair(key))))
+      tasks.append(((row_id,), _unpaired(f"no {other}_ image for key {value!r}")))
+    else:
+      tasks.append(((entry["u"][0], entry["s"][0]), (lambda key=value: pair(key))))
   return tasks
 
 

@@ -52,8 +52,9 @@ def export_pipeline(base_folder: str | os.PathLike, unet_params: Any,
   `unet_params`: the UNet's `params` tree (what `unet.load_unet` returns and the trainer
   optimises); flax `LogicallyPartitioned` boxes and device arrays (also sharded ones on a single
   process) are accepted. A `{"params": ...}` wrapper is unwrapped. `dtype` optionally casts the
-  written weights (e.g. `np.float16`); the VAE and text encoder are written in the same dtype.
-  Returns the folder.
+  written UNet and VAE weights (e.g. `np.float16`); the text encoder is written in float32. The
+  base's safety checker / feature extractor, if any, are not carried over (the export's
+  `model_index.json` sets `requires_safety_checker: false`). Returns the folder.
   """
   base = pipeline.check_pipeline_folder(base_folder)
   out = Path(out_folder)

@@ -3,9 +3,10 @@
 
 Layout: images come back channels-last (B, H, W, 3) float32 in [-1, 1]; latents are
 (B, H/f, W/f, C) with f the VAE downsampling factor. Prompt states are the text encoder's
-`last_hidden_state` (what SD 1.x and diffusers' SD 2.x use). Each sample is fully determined by
-(prompt, negative prompt, seed, image index, guidance scale) and the settings (see
-`samplers.py` on randomness): batch composition, batch size and device count do not change it.
+`last_hidden_state` by default (what SD 1.x and diffusers' SD 2.x use; see `text_layer`). Each
+sample is fully determined by (prompt, negative prompt, seed, image index, guidance scale) and
+the settings (see `samplers.py` on randomness): batch composition, batch size and device count
+do not change it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from scdpo_jax import parallel
+from scdpo_jax.models import clip
 from scdpo_jax.models import tokenizer as tokenizer_lib
 from scdpo_jax.models import unet as unet_lib
 from scdpo_jax.models import vae as vae_lib
@@ -32,7 +34,9 @@ class SamplingSettings:
 
   `sampler` "ddim" | "dpmsolver++"; `eta` (DDIM only); `scheduler_overrides` replace keys of the
   checkpoint's scheduler config (e.g. {"timestep_spacing": "trailing"}); `height`/`width` in
-  pixels (None: the UNet's sample_size times the VAE factor); `guard` the guidance/safety guard.
+  pixels (None: the UNet's sample_size times the VAE factor); `guard` the guidance/safety guard;
+  `text_layer` the text-encoder layer the UNet is conditioned on (-1: `last_hidden_state`; see
+  `CLIPTextModel.encode_prompt_states`; must match what the UNet was trained with).
   """
 
   sampler: str = "ddim"
@@ -42,6 +46,7 @@ class SamplingSettings:
   width: int | None = None
   guard: guards.GuardConfig = dataclasses.field(default_factory=guards.GuardConfig)
   scheduler_overrides: tuple[tuple[str, Any], ...] = ()
+  text_layer: int = -1
 
 
 class TextToImage:
@@ -98,7 +103,6 @@ class TextToImage:
     sd = self.sd
     unet_shapes = unet_lib.unet_param_shapes(sd.unet)
     vae_shapes = vae_lib.abstract_variables(sd.vae)["params"]
-    from scdpo_jax.models import clip
     text_shapes = clip.abstract_params(sd.text_encoder)
     return tuple(parallel.logical_shardings(s, self.mesh, rules)
                  for s in (unet_shapes, vae_shapes, text_shapes))
@@ -109,7 +113,9 @@ class TextToImage:
                 guard, plan):
     unet_params, vae_params, text_params = params
     sd = self.sd
-    encode = lambda ids: sd.text_encoder.apply({"params": text_params}, ids).last_hidden_state
+    encode = lambda ids: sd.text_encoder.apply(
+        {"params": text_params}, ids, method=clip.CLIPTextModel.encode_prompt_states,
+        layer=self.settings.text_layer)
     prompt_states = encode(prompt_ids)
     uncond = jnp.broadcast_to(encode(jnp.asarray(self._uncond_ids)), prompt_states.shape)
     negative = encode(negative_ids) if guard.needs_negative else None

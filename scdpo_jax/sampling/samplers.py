@@ -183,7 +183,8 @@ def ddim_plan(schedule: NoiseSchedule, num_steps: int, *, eta: float = 0.0,
                              int(_option(opts, over, "steps_offset", 0)))
   abar = _host_abar(schedule)
   if timesteps.max() >= n or timesteps.min() < 0:
-    raise ValueError(f"timesteps {timesteps.tolist()} fall outside [0, {n}); lower steps_offset")
+    raise ValueError(f"timesteps {timesteps.min()}..{timesteps.max()} fall outside [0, {n}); "
+                     "lower steps_offset")
   final = 1.0 if _option(opts, over, "set_alpha_to_one", True) else abar[0]
   prev = timesteps - n // num_steps
   abar_t = abar[timesteps]
@@ -246,8 +247,8 @@ def dpm_solver_plan(schedule: NoiseSchedule, num_steps: int, *,
       float(_option(opts, over, "lambda_min_clipped", -math.inf)))
   n_train = len(abar)
   if timesteps.max() >= n_train or timesteps.min() < 0:
-    raise ValueError(f"timesteps {timesteps.tolist()} fall outside [0, {n_train}); lower "
-                     "steps_offset")
+    raise ValueError(f"timesteps {timesteps.min()}..{timesteps.max()} fall outside "
+                     f"[0, {n_train}); lower steps_offset")
   ve = np.sqrt((1 - abar) / abar)  # VE sigmas sigma/alpha
   ve_steps = np.interp(timesteps, np.arange(n_train), ve)
   last = ve[0] if final_type == "sigma_min" else 0.0

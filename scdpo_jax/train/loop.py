@@ -263,7 +263,9 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> dict:
+  """Train; `pair_source` overrides the config's data source (any `data.batch.PairSource`)."""
+  workdir = Path(workdir)
   maybe_initialize_distributed(config.distributed)
   mesh = parallel.mesh_from_config(config.mesh)
   check_config(config, mesh)
@@ -275,7 +277,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   sd = pipeline.load_stable_diffusion(
       folder, ("unet", "text_encoder", "tokenizer", "scheduler"),
       dtype=jnp.float32, param_dtype=jnp.float32)
-  source = make_pair_source(config, sd)
+  source = pair_source if pair_source is not None else make_pair_source(config, sd)
   empty_states = encode_prompts(sd, [""], config.model.text_layer)
 
   setup = TrainSetup(config, mesh, sd)
@@ -346,8 +348,11 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
                              for k, v in last_metrics.items()}}
   if jax.process_index() == 0:
     (workdir / "train_result.json").write_text(json.dumps(result, indent=2))
-    if config.train.export_at_end and step == t.num_steps:
-      params = jax.device_get(state.params)
+  result["state"] = state  # for callers in Python; not part of the JSON
+  if config.train.export_at_end and step == t.num_steps:
+    from jax.experimental import multihost_utils
+    params = multihost_utils.process_allgather(state.params, tiled=True)  # collective
+    if jax.process_index() == 0:
       unet_lib.save_unet(workdir / "export" / "unet", setup.policy.config, params)
       logging.info("exported the trained UNet in diffusers format to %s", workdir / "export/unet")
   return result

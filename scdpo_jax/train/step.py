@@ -74,7 +74,7 @@ class StepConfig:
 
 
 def _tree_norm(tree) -> jax.Array:
-  return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+  return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
 def _pair_forward(apply_fn, params, x_w, x_l, t, states):

@@ -1,0 +1,198 @@
+"""Step-indexed pair loader over a tfds ArrayRecord pair dataset, built on grain.
+
+`PairLoader` is a *pair source* in the sense of `batch.py`:
+
+  loader.batch(step, global_batch) -> this process's rows of global batch `step` (batch.py keys)
+
+Mapping (identical to `memory.InMemoryPairs`, so both sources give the same batches of the same
+pairs): the global batch of `step` is the records `memory.global_indices(step, global_batch,
+num_pairs, seed, shuffle)` (positions step*B ... step*B + B - 1 of an endless stream; each epoch
+its own permutation seeded by (seed, epoch)); process p of P reads only rows
+[p*B/P, (p+1)*B/P) of it. Random horizontal flips, when enabled, are decided per global row by
+`np.random.default_rng([seed, step, 1]).random(B) < 0.5` (as in `InMemoryPairs`), and applied
+only to pairs whose `hflip_ok` is 1; winner and loser of a pair flip together (latents are
+mirrored along the width axis; for image datasets the images are mirrored before encoding).
+Every batch is a pure function of (dataset, seed, step, global_batch, process), so resuming at
+any step is O(1): nothing is replayed.
+
+grain does the work: `dataset(global_batch)` is a `grain.MapDataset` whose element k is the
+batch of step k (random access, `ds[k]`); `iterator(start_step, global_batch)` turns its tail
+into a prefetching `IterDataset` (`ReadOptions(num_threads, prefetch_buffer_size)`).
+
+Latents vs images: the trainer consumes latents. A cached dataset (`cache.py`) is read as is.
+An image dataset (converters, pair builder) needs `encoder=cache.PairEncoder(...)`: each batch
+is then decoded and encoded on the fly (correct, but slower than caching once).
+Unknown rewards/costs (NaN in the dataset) become 0, as batch.py specifies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import grain
+import numpy as np
+
+from scdpo_jax.data import tfds_pairs
+from scdpo_jax.data.batch import FLOAT_KEYS, PAIR_KEYS
+from scdpo_jax.data.memory import global_indices
+
+MAX_STEPS = 2 ** 40  # length of the endless step-indexed dataset
+
+
+class PairLoader:
+  """Deterministic, step-indexed pair batches from a tfds pair dataset (see module docstring)."""
+
+  def __init__(self, path: str | Path, *, split: str = "train", seed: int = 0,
+               shuffle: bool = True, hflip: bool = False, encoder: Any = None,
+               process_index: int | None = None, process_count: int | None = None,
+               read_threads: int = 4, prefetch_batches: int = 2):
+    import jax
+
+    self.dataset_info = tfds_pairs.open_pairs(path)
+    self.schema = self.dataset_info.schema
+    self.source = self.dataset_info.source(split)
+    self.num_pairs = len(self.source)
+    if self.num_pairs == 0:
+      raise ValueError(f"{self.dataset_info.path} split {split!r} is empty")
+    if not self.schema.has_latents and encoder is None:
+      raise ValueError(
+          f"{self.dataset_info.path} holds images, not latents. The trainer needs latents: cache "
+          "them once with `python -m scdpo_jax.data.cache --input <this dataset> --output <new> "
+          "--pretrained <SD folder>`, or pass encoder=cache.PairEncoder.from_pretrained(...) to "
+          "encode each batch on the fly")
+    self.encoder = encoder if not self.schema.has_latents else None
+    self.seed, self.shuffle, self.hflip = int(seed), bool(shuffle), bool(hflip)
+    self.process_index = jax.process_index() if process_index is None else int(process_index)
+    self.process_count = jax.process_count() if process_count is None else int(process_count)
+    if not 0 <= self.process_index < self.process_count:
+      raise ValueError(f"process_index {self.process_index} not in [0, {self.process_count})")
+    self.read_threads, self.prefetch_batches = int(read_threads), int(prefetch_batches)
+    self._datasets: dict[int, grain.MapDataset] = {}
+
+  # -- index arithmetic ----------------------------------------------------------------------
+
+  def _rows(self, global_batch: int) -> slice:
+    if global_batch <= 0 or global_batch % self.process_count:
+      raise ValueError(f"global_batch {global_batch} must be a positive multiple of the "
+                       f"{self.process_count} processes")
+    per = global_batch // self.process_count
+    return slice(self.process_index * per, (self.process_index + 1) * per)
+
+  def indices(self, step: int, global_batch: int) -> np.ndarray:
+    """Record indices of this process's rows of global batch `step`."""
+    idx = global_indices(int(step), global_batch, self.num_pairs, self.seed, self.shuffle)
+    return idx[self._rows(global_batch)]
+
+  def flips(self, step: int, global_batch: int) -> np.ndarray:
+    """Per-row flip decisions (before `hflip_ok`) for this process's rows of `step`."""
+    if not self.hflip:
+      per = global_batch // self.process_count
+      return np.zeros((per,), bool)
+    draws = np.random.default_rng([self.seed, int(step), 1]).random(global_batch)
+    return draws[self._rows(global_batch)] < 0.5
+
+  # -- grain pipeline ------------------------------------------------------------------------
+
+  def dataset(self, global_batch: int) -> grain.MapDataset:
+    """`grain.MapDataset` whose element k is this process's batch of step k."""
+    self._rows(global_batch)  # validate
+    if global_batch not in self._datasets:
+      self._datasets[global_batch] = (
+          grain.MapDataset.range(MAX_STEPS)
+          .map(lambda step: self._read(int(step), global_batch))
+          .map(self._collate))
+    return self._datasets[global_batch]
+
+  def batch(self, step: int, global_batch: int) -> dict[str, np.ndarray]:
+    if step < 0:
+      raise ValueError(f"step must be >= 0, got {step}")
+    return self.dataset(global_batch)[int(step)]
+
+  def iterator(self, start_step: int, global_batch: int) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of steps start_step, start_step + 1, ... prefetched by grain threads."""
+    ds = self.dataset(global_batch)[int(start_step):]
+    return iter(ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=self.read_threads, prefetch_buffer_size=self.prefetch_batches)))
+
+  def _read(self, step: int, global_batch: int) -> dict[str, Any]:
+    idx = self.indices(step, global_batch)
+    records = self.source.__getitems__([int(i) for i in idx])
+    return {"step": step, "indices": idx, "records": records,
+            "flips": self.flips(step, global_batch)}
+
+  def _collate(self, item: dict[str, Any]) -> dict[str, np.ndarray]:
+    records: Sequence[dict] = item["records"]
+    allowed = np.array([int(r["hflip_ok"]) == 1 for r in records], bool)
+    flips = item["flips"] & allowed
+    out: dict[str, np.ndarray] = {}
+    if self.schema.has_latents:
+      for k in ("latents_w", "latents_l"):
+        lat = np.stack([np.asarray(r[k], np.float32) for r in records])
+        out[k] = np.where(flips[:, None, None, None], lat[:, :, ::-1], lat)
+      out["text_states"] = np.stack([np.asarray(r["text_states"], np.float32) for r in records])
+    else:
+      out.update({k: v for k, v in self.encoder.encode_records(
+          records, item["indices"], flips).items() if k in PAIR_KEYS})
+    out["is_harmful"] = np.array([int(r["is_harmful"]) for r in records], np.int32)
+    for k in FLOAT_KEYS:
+      v = np.array([float(r[k]) for r in records], np.float32)
+      out[k] = np.nan_to_num(v, nan=0.0)
+    return {k: out[k] for k in PAIR_KEYS}
+
+
+def resolve_dataset_path(name: str, data_dir: str = "") -> Path:
+  """The pair dataset folder from the trainer's `data.name` / `data.data_dir`.
+
+  `name` may be a folder (a dataset or a folder holding exactly one), or a name under
+  `data_dir`; with only `data_dir`, it must hold exactly one dataset.
+  """
+  candidates = []
+  if data_dir and name:
+    candidates.append(Path(data_dir) / name)
+  if name:
+    candidates.append(Path(name))
+  if data_dir:
+    candidates.append(Path(data_dir))
+  if not candidates:
+    raise ValueError("no pair dataset configured: set data.name (a folder) and/or data.data_dir")
+  for c in candidates:
+    if c.exists():
+      return tfds_pairs.find_dataset_dir(c)
+  raise FileNotFoundError(f"pair dataset not found: tried {', '.join(map(str, candidates))}")
+
+
+def check_pair_dataset(data_config) -> None:
+  """Fail early (before models are loaded) unless the configured dataset exists and holds the
+  latents and text states the trainer consumes. `data_config` has name, data_dir, split."""
+  ds = tfds_pairs.open_pairs(resolve_dataset_path(data_config.name, data_config.data_dir))
+  if data_config.split not in ds.splits:
+    raise KeyError(f"{ds.path} has no split {data_config.split!r}; splits: {sorted(ds.splits)}")
+  if not ds.schema.has_latents:
+    raise ValueError(f"{ds.path} holds images, not latents: cache it first with "
+                     f"`python -m scdpo_jax.data.cache --input {ds.path} --output <new folder> "
+                     "--pretrained <the SD folder you train>`")
+
+
+def open_pair_source(data_config, **kwargs) -> PairLoader:
+  """The trainer's tfds pair source: a `PairLoader` over data.name/data_dir[split], shuffled by
+  data.seed, with data.hflip; extra keyword arguments go to `PairLoader`."""
+  path = resolve_dataset_path(data_config.name, data_config.data_dir)
+  return PairLoader(path, split=data_config.split, seed=data_config.seed,
+                    hflip=data_config.hflip, **kwargs)
+
+
+def load_all(path: str | Path, split: str = "train") -> dict[str, np.ndarray]:
+  """Every record of a latent pair dataset as arrays in batch.py format, in record order
+  (NaN reward/cost -> 0). Meant for small datasets (e.g. to build an `InMemoryPairs`)."""
+  ds = tfds_pairs.open_pairs(path)
+  if not ds.schema.has_latents:
+    raise ValueError(f"{ds.path} holds images, not latents; cache it first (cache.py)")
+  src = ds.source(split)
+  records = src.__getitems__(list(range(len(src))))
+  out = {k: np.stack([np.asarray(r[k], np.float32) for r in records])
+         for k in ("latents_w", "latents_l", "text_states")}
+  out["is_harmful"] = np.array([int(r["is_harmful"]) for r in records], np.int32)
+  for k in FLOAT_KEYS:
+    out[k] = np.nan_to_num(np.array([float(r[k]) for r in records], np.float32), nan=0.0)
+  return out

@@ -1,0 +1,263 @@
+"""The SC-DPO trainer end to end on a tiny one-block UNet (CPU, fp32)."""
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from scdpo_jax.models import io
+from scdpo_jax.train import loop
+from scdpo_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from tests.train_utils import ROOT, tiny_train_config
+
+
+def _run(workdir, pair_source=None, **overrides):
+  return loop.run(tiny_train_config(**overrides), Path(workdir), pair_source=pair_source)
+
+
+def _read_tensorboard_tags(folder: Path) -> set[str]:
+  """Parse TFRecord-framed Event protos (the standard event file format) with tensorboardX's
+  bundled protobufs."""
+  from tensorboardX.proto import event_pb2
+
+  tags = set()
+  for path in folder.glob("events.out.tfevents.*"):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      record = data[pos + 12:pos + 12 + length]
+      pos += 12 + length + 4
+      event = event_pb2.Event.FromString(record)
+      tags.update(v.tag for v in event.summary.value)
+  return tags
+
+
+def test_training_writes_metrics_checkpoints_and_export(tmp_path):
+  result = _run(tmp_path, **{"train.num_steps": 4, "checkpoint.every_steps": 2,
+                             "log.tensorboard": True, "train.export_at_end": True,
+                             "train.gamma": 1.0})
+  assert len(result["losses"]) == 4 and all(np.isfinite(result["losses"]))
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines] == [1, 2, 3, 4]
+  for key in ("loss/harmful", "loss/clean", "implicit_acc/all", "model_mse_w/harmful",
+              "ref_mse_l/clean", "focus_weight/all", "lambda", "grad_norm", "param_norm",
+              "update_norm", "pairs_per_s", "learning_rate", "skipped_total"):
+    assert key in lines[-1], key
+  assert 0 < lines[-1]["focus_weight/all"] <= 1.0  # gamma = 1: weights below 1
+  tags = _read_tensorboard_tags(tmp_path / "tensorboard")
+  assert {"loss/all", "implicit_acc/harmful", "pairs_per_s"} <= tags
+  assert Checkpointer(tmp_path / "checkpoints").manager.all_steps() == [2, 4]
+  from scdpo_jax.models.unet import load_unet
+  _, params = load_unet(tmp_path / "export" / "unet")
+  final = jax.device_get(result["state"].params)
+  np.testing.assert_array_equal(params["conv_in"]["kernel"], final["conv_in"]["kernel"])
+
+
+def test_resume_gives_the_same_trajectory(tmp_path):
+  full = _run(tmp_path / "full", **{"train.num_steps": 6})
+  first = _run(tmp_path / "split", **{"train.num_steps": 3})
+  second = _run(tmp_path / "split", **{"train.num_steps": 6})
+  assert second["start_step"] == 3
+  np.testing.assert_allclose(first["losses"] + second["losses"], full["losses"], atol=1e-6,
+                             rtol=0)
+  for a, b in zip(jax.tree.leaves(full["state"].params), jax.tree.leaves(second["state"].params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+  one = _run(tmp_path / "a1", **{"train.gamma": 2.0, "train.safety_mode": "dual",
+                                 "train.dual_lr": 1.0, "train.cost_budget": 0.1})
+  four = _run(tmp_path / "a4", **{"train.gamma": 2.0, "train.safety_mode": "dual",
+                                  "train.dual_lr": 1.0, "train.cost_budget": 0.1,
+                                  "train.grad_accum": 4})
+  np.testing.assert_allclose(one["losses"], four["losses"], atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one["state"].params), jax.tree.leaves(four["state"].params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+  assert float(one["state"].lam) != 1.0  # the dual variable moved
+  np.testing.assert_allclose(float(one["state"].lam), float(four["state"].lam), rtol=1e-5)
+
+
+class _Wrapped:
+  """A pair source that tampers with chosen steps (NaN latents, or SIGTERM to this process)."""
+
+  def __init__(self, inner, nan_steps=(), sigterm_step=None):
+    self.inner, self.nan_steps, self.sigterm_step = inner, set(nan_steps), sigterm_step
+    self.num_pairs = inner.num_pairs
+
+  def batch(self, step, global_batch):
+    out = dict(self.inner.batch(step, global_batch))
+    if step in self.nan_steps:
+      out["latents_w"] = np.full_like(out["latents_w"], np.nan)
+    if step == self.sigterm_step:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+
+def _source(config):
+  from scdpo_jax.models import pipeline
+  folder = loop.base_model_folder(config, config_workdir := None) if False else None
+  return folder
+
+
+def _inner_source(workdir, config):
+  from scdpo_jax.models import pipeline
+  folder = loop.base_model_folder(config, Path(workdir))
+  sd = pipeline.load_stable_diffusion(folder, ("unet", "text_encoder", "tokenizer", "scheduler"))
+  return loop.random_pairs(config, sd)
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path):
+  config = tiny_train_config(**{"train.num_steps": 4})
+  source = _Wrapped(_inner_source(tmp_path, config), nan_steps={1})
+  result = loop.run(config, tmp_path, pair_source=source)
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["finite"] for l in lines] == [1.0, 0.0, 1.0, 1.0]
+  assert result["skipped"] == 1 and lines[-1]["skipped_total"] == 1
+  assert np.isfinite(result["losses"][3])
+  ckpt = Checkpointer(tmp_path / "checkpoints")
+  state, meta = ckpt.restore(4, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), result["state"]))
+  assert meta["skipped"] == 1
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_sigterm_saves_and_resumes(tmp_path):
+  config = tiny_train_config(**{"train.num_steps": 5})
+  source = _Wrapped(_inner_source(tmp_path, config), sigterm_step=2)
+  result = loop.run(config, tmp_path, pair_source=source)
+  assert result["preempted"] and result["end_step"] == 3
+  assert Checkpointer(tmp_path / "checkpoints").latest_step() == 3
+  resumed = loop.run(config, tmp_path)
+  assert resumed["start_step"] == 3 and resumed["end_step"] == 5
+
+
+def test_config_errors_come_before_any_compile(tmp_path):
+  with pytest.raises(ValueError, match="not a multiple of train.grad_accum"):
+    _run(tmp_path, **{"train.pairs_per_step": 6, "train.grad_accum": 4})
+  with pytest.raises(ValueError, match="mesh: data=2 x fsdp=1 x tensor=1 = 2 devices"):
+    _run(tmp_path, **{"mesh.data": 2})
+  with pytest.raises(io.CheckpointNotFoundError, match="not found.*no_such_sd"):
+    _run(tmp_path, **{"model.pretrained": str(tmp_path / "no_such_sd")})
+  with pytest.raises(ValueError, match="data.source='parquet'"):
+    _run(tmp_path, **{"data.source": "parquet"})
+  with pytest.raises(ValueError, match="train.safety_mode='lagrange'"):
+    _run(tmp_path, **{"train.safety_mode": "lagrange"})
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def _subprocess_env(devices: int) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["PYTHONPATH"] = str(ROOT)
+  return env
+
+
+def _worker(spec: dict, tmp_path: Path, devices: int, timeout: int = 900) -> dict:
+  spec_path = tmp_path / "spec.json"
+  spec = {**spec, "workdir": str(tmp_path), "result": str(tmp_path / "result.json")}
+  spec_path.write_text(json.dumps(spec))
+  proc = subprocess.run([sys.executable, "-m", "tests.train_utils", str(spec_path)], cwd=ROOT,
+                        env=_subprocess_env(devices), capture_output=True, text=True,
+                        timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads((tmp_path / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+  """One subprocess with 8 simulated CPU devices: 1 device, a 2x2x2 mesh and a 1x8 fsdp mesh."""
+  tmp = tmp_path_factory.mktemp("sharded")
+  runs = {
+      "single": {"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, "_devices": 1},
+      "mesh222": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
+      "fsdp8": {"mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1},
+      "bad_batch": {"train.pairs_per_step": 4},
+  }
+  # "single" must use one device of the eight: the mesh helper takes all devices, so give it a
+  # mesh that only fits one via the device count environment instead.
+  del runs["single"]["_devices"]
+  result = _worker({"runs": {k: v for k, v in runs.items() if k != "single"},
+                    "save_params": True}, tmp, devices=8)
+  single = _worker({"runs": {"single": runs["single"]}, "save_params": True},
+                   tmp_path_factory.mktemp("single"), devices=1)
+  result["single"] = single["single"]
+  result["_single_dir"] = str(tmp_path_factory.getbasetemp())
+  return tmp, result
+
+
+def test_meshes_give_the_same_losses_and_params(sharded_runs):
+  tmp, result = sharded_runs
+  single_params = None
+  for path in Path(result["_single_dir"]).glob("single*/single_params.npz"):
+    single_params = np.load(path)
+  assert single_params is not None
+  for name in ("mesh222", "fsdp8"):
+    assert "error" not in result[name], result[name]
+    np.testing.assert_allclose(result[name]["losses"], result["single"]["losses"], atol=1e-5)
+    params = np.load(tmp / f"{name}_params.npz")
+    for key in single_params.files:
+      np.testing.assert_allclose(params[key], single_params[key], atol=1e-5, err_msg=key)
+
+
+def test_batch_that_does_not_divide_the_mesh_is_rejected(sharded_runs):
+  _, result = sharded_runs
+  assert "does not divide over the mesh's batch axes" in result["bad_batch"]["error"]
+
+
+def test_checkpoint_from_8_devices_restores_on_1(sharded_runs):
+  tmp, _ = sharded_runs
+  config = tiny_train_config(**{"mesh.data": 1})
+  from scdpo_jax import parallel
+  from scdpo_jax.models import pipeline
+  mesh = parallel.mesh_from_config(config.mesh)
+  sd = pipeline.load_stable_diffusion(tmp / "mesh222" / "base_pipeline",
+                                      ("unet", "text_encoder", "tokenizer", "scheduler"))
+  setup = loop.TrainSetup(config, mesh, sd)
+  ckpt = Checkpointer(tmp / "mesh222" / "checkpoints")
+  state, meta = ckpt.restore(ckpt.latest_step(), abstract_with_shardings(
+      setup.abstract_state, setup.state_shardings))
+  assert meta["step"] == 3 and len(jax.devices()) == 1
+  saved = np.load(tmp / "mesh222_params.npz")
+  from flax import traverse_util
+  flat = traverse_util.flatten_dict(jax.device_get(state.params))
+  for key, value in flat.items():
+    np.testing.assert_array_equal(value, saved["/".join(key)])
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+  """jax.distributed over 2 CPU processes on localhost; each reads only its half of the batch."""
+  port = _free_port()
+  spec = {"runs": {"mh": {"distributed.coordinator_address": f"127.0.0.1:{port}",
+                          "distributed.num_processes": 2}},
+          "workdir": str(tmp_path), "result": str(tmp_path / "result.json")}
+  procs = []
+  for pid in range(2):
+    spec_pid = json.loads(json.dumps(spec))
+    spec_pid["runs"]["mh"]["distributed.process_id"] = pid
+    path = tmp_path / f"spec{pid}.json"
+    path.write_text(json.dumps(spec_pid))
+    procs.append(subprocess.Popen([sys.executable, "-m", "tests.train_utils", str(path)],
+                                  cwd=ROOT, env=_subprocess_env(1), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  outs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-4000:]
+  multi = json.loads((tmp_path / "result.json").read_text())["mh"]
+  assert "error" not in multi, multi
+  single = _run(tmp_path / "one")
+  np.testing.assert_allclose(multi["losses"], single["losses"], atol=1e-5)

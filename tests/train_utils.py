@@ -1,0 +1,88 @@
+"""Shared helpers for trainer tests: a fast tiny config and a subprocess worker entry point.
+
+Run as a script (`python -m tests.train_utils SPEC.json`) it trains with the spec's config
+overrides and writes the result (losses, final params as .npz) where the spec says; tests launch
+it with XLA_FLAGS for simulated devices or as jax.distributed processes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import ml_collections
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_train_config(**overrides) -> ml_collections.ConfigDict:
+  """configs/default.py with a one-block UNet (fast to compile) and fp32 everything."""
+  sys.path.insert(0, str(ROOT))
+  from configs import default
+
+  config = default.get_config()
+  config.model.tiny.unet.update(dict(
+      block_out_channels=(32,), layers_per_block=1, attention_head_dim=4,
+      down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",)))
+  config.data.num_pairs = 16
+  config.train.pairs_per_step = 8
+  config.train.num_steps = 3
+  config.train.export_at_end = False
+  config.optimizer.warmup_steps = 1
+  # Equality tests (sharded vs single device, accumulated vs one batch, resumed vs not) compare
+  # parameters to 1e-5. Adam divides by sqrt(v): for biases whose gradient is ~0 it turns fp32
+  # summation-order noise into O(lr) differences. A larger eps keeps such updates linear in the
+  # gradient, and a small beta keeps the DPO logit from amplifying the noise, so the tests check
+  # the math rather than the conditioning of a random tiny model.
+  config.optimizer.lr = 1e-3
+  config.optimizer.eps = 1e-3
+  config.train.beta = 50.0
+  config.checkpoint.async_save = False
+  config.log.every_steps = 1
+  config.log.tensorboard = False
+  apply_overrides(config, overrides)
+  return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+      node = node[p]
+    if isinstance(value, list):
+      value = tuple(value)
+    node[leaf] = value
+
+
+def _worker(spec_path: str) -> None:
+  import jax
+  import numpy as np
+  from flax import traverse_util
+
+  spec = json.loads(Path(spec_path).read_text())
+  from scdpo_jax.train import loop
+
+  results = {}
+  for name, overrides in spec["runs"].items():
+    config = tiny_train_config(**overrides)
+    try:
+      result = loop.run(config, Path(spec["workdir"]) / name)
+    except Exception as e:  # reported to the test, which asserts on it
+      results[name] = {"error": f"{type(e).__name__}: {e}"}
+      continue
+    results[name] = {"losses": result["losses"]}
+    if spec.get("save_params"):
+      from jax.experimental import multihost_utils
+      params = multihost_utils.process_allgather(result["state"].params, tiled=True)
+      if jax.process_index() == 0:
+        flat = {"/".join(k): np.asarray(v) for k, v in
+                traverse_util.flatten_dict(params).items()}
+        np.savez(Path(spec["workdir"]) / f"{name}_params.npz", **flat)
+  if jax.process_index() == 0:
+    Path(spec["result"]).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+  _worker(sys.argv[1])
