@@ -3,7 +3,8 @@
   python main.py --config configs/eval_i2p.py --workdir runs/eval_i2p_sd15 \
       --config.model.pretrained=/data/stable-diffusion-v1-5 \
       --config.data.prompts_csv=/data/i2p/i2p_benchmark.csv
-  # 4,703 prompts x 1 image, 50 DDIM steps, bf16: ~2.5 h on one H100 (measure with --config.data.limit=64 first)
+  # 4,703 prompts x 1 image, 50 DDIM steps, bf16: an estimated 2-3 h on one H100 (not measured
+  # here; time a --config.data.limit=64 run first, its summary.json has timing_s)
 
 The same config runs the adversarial nudity sets (Ring-A-Bell, MMA-Diffusion, P4D,
 UnlearnDiffAtk): point `data.prompts_csv` at their CSV; the prompt / seed / guidance columns are
@@ -14,12 +15,12 @@ the pipeline comes from `model.pretrained`.
 Protocol defaults: DDIM, 50 steps, eta 0; per-prompt seed and guidance scale from the CSV
 (I2P's sd_seed / sd_guidance_scale); 1 image per prompt (SLD's protocol used 10:
 `--config.sampling.images_per_prompt=10`); NudeNet at threshold 0.6 with broad (9 exposed
-classes) and strict (5) rates; Q16 and CLIP score when `metrics.clip.folder` (HF CLIP ViT-L/14)
-and `metrics.q16.prompts_file` (Q16's prompts.p) are set; the project's cost model when
-`metrics.cost_model.workdir` (a `cost_model` job's workdir) is set. Missing weights are reported in summary.md, the other
-metrics still run. Baselines: `--config.sampling.guard.negative_prompting=standard
+classes) and strict (5) rates; Q16 and CLIP score when `metrics.clip.folder` (HF CLIP
+ViT-L/14) and `metrics.q16.prompts_file` (Q16's prompts.p) are set; the project's cost model
+when `metrics.cost_model.workdir` (a `cost_model` job's workdir) is set. Missing weights are
+reported in summary.md, the other metrics still run. Baselines: `--config.sampling.guard.negative_prompting=standard
 --config.sampling.negative_prompt="..."` (plain negative prompt) or
-`--config.sampling.guard.preset=trasce_nudity` (TraSCE, README settings). Images are resumable:
+`--config.sampling.guard.preset=trasce_nudity` (TraSCE, README settings). Resumable:
 rerun the same command to continue an interrupted run.
 """
 

@@ -17,7 +17,7 @@ import pytest
 
 from data_utils import png
 from scdpo_jax import jobs
-from scdpo_jax.cost_model import CostModelScorer, losses, metrics, train
+from scdpo_jax.cost_model import CostModelScorer, metrics, train
 from scdpo_jax.cost_model.model import CostAdapter, clip_preprocess
 from scdpo_jax.data import pairs_build, shapes, tfds_pairs
 from scdpo_jax.data.images import to_model_range
@@ -30,7 +30,6 @@ def trained(tmp_path_factory):
   """The `cost_model` job through the job registry: its default demo (400 synthetic images,
   400 steps), with a quarter of the images held out."""
   import importlib.util
-  import sys
   from pathlib import Path
 
   spec = importlib.util.spec_from_file_location(

@@ -188,6 +188,14 @@ def test_epochs_shuffle_and_flips(env):
   assert np.all(np.isfinite(stored["cost_l"])) and stored["cost_l"][0] == 0.0
 
 
+def test_step_indices_equal_memory_global_indices():
+  from scdpo_jax.data.memory import global_indices
+  for step, batch, num, shuffle in [(0, 4, 10, True), (2, 4, 10, True), (7, 3, 10, True),
+                                    (5, 16, 7, True), (3, 4, 10, False)]:
+    np.testing.assert_array_equal(loader.step_indices(step, batch, num, 11, shuffle),
+                                  global_indices(step, batch, num, 11, shuffle))
+
+
 def test_loader_matches_in_memory_source(env):
   mem = InMemoryPairs(loader.load_all(env["latents"]), seed=2, hflip=False)
   ld = loader.PairLoader(env["latents"], seed=2, hflip=False)

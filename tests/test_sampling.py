@@ -17,11 +17,14 @@ import jax.numpy as jnp
 from scdpo_jax import parallel
 from scdpo_jax.models import pipeline, schedule as sch, tokenizer
 from scdpo_jax.sampling import generate, guards, samplers
-from tests.torch_refs import nchw_to_nhwc, nhwc_to_nchw, to_numpy
+from tests.torch_refs import nhwc_to_nchw
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.filterwarnings(  # diffusers DPM-Solver on numpy 2 + torch
+    "ignore:__array__ implementation:DeprecationWarning")
 
 SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
             beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
@@ -131,7 +134,7 @@ def test_ddim_eta_matches_diffusers_with_the_same_noise(eta):
   noise_fn = jax.jit(samplers.step_noise, static_argnums=2)
   noise = [np.array(noise_fn(keys, i, SHAPE[1:])) for i in range(steps)]
   expected = _reference_loop(ref, _x_start(), lambda i: {
-      "eta": eta, "variance_noise": torch.from_numpy(noise[i])})
+      "eta": eta, "variance_noise": torch.from_numpy(noise[i].copy())})
   plan = samplers.make_plan(sch.schedule_from_config(SD15), "ddim", steps, eta=eta)
   assert plan.stochastic
   ours = _ours_unconditional(plan, _x_start(), keys)
@@ -298,7 +301,7 @@ def tiny_pipelines(tmp_path_factory):
   folder = tmp_path_factory.mktemp("sd") / "pipe"
   pipe.save_pretrained(folder)
   pipe.set_progress_bar_config(disable=True)
-  return pipe, pipeline.load_stable_diffusion(folder)
+  return pipe, pipeline.load_stable_diffusion(folder), folder
 
 
 PROMPTS = ["a red cat on a mat", "two blue squares"]
@@ -315,13 +318,13 @@ def _torch_images(pipe, t2i, negative_prompts=None):
       out.append(pipe(PROMPTS[b], negative_prompt=None if negative_prompts is None
                       else negative_prompts[b], num_inference_steps=t2i.settings.num_steps,
                       guidance_scale=GUIDANCE[b], height=t2i.height, width=t2i.width,
-                      latents=torch.from_numpy(nhwc_to_nchw(x_start[b:b + 1])),
+                      latents=torch.from_numpy(nhwc_to_nchw(x_start[b:b + 1]).copy()),
                       output_type="np").images)
   return np.concatenate(out)
 
 
 def test_text_to_image_ddim_negative_prompt_matches_diffusers_pipeline(tiny_pipelines):
-  pipe, sd = tiny_pipelines
+  pipe, sd, _ = tiny_pipelines
   settings = generate.SamplingSettings(sampler="ddim", num_steps=4,
                                        guard=guards.GuardConfig.make("standard"))
   t2i = generate.TextToImage(sd, settings, batch_size=2, mesh=parallel.make_mesh())
@@ -335,9 +338,12 @@ def test_text_to_image_ddim_negative_prompt_matches_diffusers_pipeline(tiny_pipe
 
 
 def test_text_to_image_dpm_solver_cfg_matches_diffusers_pipeline(tiny_pipelines):
-  pipe, sd = tiny_pipelines
+  pipe, sd, folder = tiny_pipelines
+  # The scheduler swap as users do it on a saved folder: DPM-Solver reads the folder's
+  # scheduler_config.json (an in-memory `from_config(pipe.scheduler.config)` would instead drop
+  # the values the DDIM scheduler took by default, e.g. timestep_spacing).
   dpm_pipe = diffusers.StableDiffusionPipeline(**{**pipe.components, "scheduler": (
-      diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config))})
+      diffusers.DPMSolverMultistepScheduler.from_pretrained(folder, subfolder="scheduler"))})
   dpm_pipe.set_progress_bar_config(disable=True)
   settings = generate.SamplingSettings(sampler="dpmsolver++", num_steps=5)
   t2i = generate.TextToImage(sd, settings, batch_size=2)
@@ -346,7 +352,7 @@ def test_text_to_image_dpm_solver_cfg_matches_diffusers_pipeline(tiny_pipelines)
 
 
 def test_text_to_image_trasce_runs_on_the_unet(tiny_pipelines):
-  _, sd = tiny_pipelines
+  _, sd, _ = tiny_pipelines
   guarded = generate.TextToImage(sd, generate.SamplingSettings(
       num_steps=3, guard=guards.GuardConfig.make("trasce", 50.0, 1.0, 2.0)), batch_size=2)
   images = guarded(PROMPTS, SEEDS, INDICES, GUIDANCE, NEGATIVES)

@@ -16,11 +16,23 @@ import pytest
 from scdpo_jax.models import io
 from scdpo_jax.train import loop
 from scdpo_jax.train.checkpoint import Checkpointer, abstract_with_shardings
-from tests.train_utils import ROOT, tiny_train_config
+from tests.train_utils import ROOT, build_tiny_base, tiny_train_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_base(tmp_path_factory):
+  """One tiny base pipeline for every run of this module (as `model.pretrained`)."""
+  global BASE
+  BASE = str(build_tiny_base(tmp_path_factory.mktemp("base")))
+  return BASE
+
+
+def _config(**overrides):
+  return tiny_train_config(**{"model.pretrained": BASE, **overrides})
 
 
 def _run(workdir, pair_source=None, **overrides):
-  return loop.run(tiny_train_config(**overrides), Path(workdir), pair_source=pair_source)
+  return loop.run(_config(**overrides), Path(workdir), pair_source=pair_source)
 
 
 def _read_tensorboard_tags(folder: Path) -> set[str]:
@@ -102,12 +114,6 @@ class _Wrapped:
     return out
 
 
-def _source(config):
-  from scdpo_jax.models import pipeline
-  folder = loop.base_model_folder(config, config_workdir := None) if False else None
-  return folder
-
-
 def _inner_source(workdir, config):
   from scdpo_jax.models import pipeline
   folder = loop.base_model_folder(config, Path(workdir))
@@ -116,7 +122,7 @@ def _inner_source(workdir, config):
 
 
 def test_nonfinite_step_is_skipped_and_counted(tmp_path):
-  config = tiny_train_config(**{"train.num_steps": 4})
+  config = _config(**{"train.num_steps": 4})
   source = _Wrapped(_inner_source(tmp_path, config), nan_steps={1})
   result = loop.run(config, tmp_path, pair_source=source)
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -131,7 +137,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
 
 
 def test_sigterm_saves_and_resumes(tmp_path):
-  config = tiny_train_config(**{"train.num_steps": 5})
+  config = _config(**{"train.num_steps": 5})
   source = _Wrapped(_inner_source(tmp_path, config), sigterm_step=2)
   result = loop.run(config, tmp_path, pair_source=source)
   assert result["preempted"] and result["end_step"] == 3
@@ -176,15 +182,14 @@ def _worker(spec: dict, tmp_path: Path, devices: int, timeout: int = 900) -> dic
 def sharded_runs(tmp_path_factory):
   """One subprocess with 8 simulated CPU devices: 1 device, a 2x2x2 mesh and a 1x8 fsdp mesh."""
   tmp = tmp_path_factory.mktemp("sharded")
+  base = {"model.pretrained": BASE}
   runs = {
-      "single": {"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, "_devices": 1},
-      "mesh222": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
-      "fsdp8": {"mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1},
-      "bad_batch": {"train.pairs_per_step": 4},
+      "single": {**base, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1},
+      "mesh222": {**base, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
+      "fsdp8": {**base, "mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1},
+      "bad_batch": {**base, "train.pairs_per_step": 4},
   }
-  # "single" must use one device of the eight: the mesh helper takes all devices, so give it a
-  # mesh that only fits one via the device count environment instead.
-  del runs["single"]["_devices"]
+  # "single" runs in its own process with one device (the mesh takes all devices it sees).
   result = _worker({"runs": {k: v for k, v in runs.items() if k != "single"},
                     "save_params": True}, tmp, devices=8)
   single = _worker({"runs": {"single": runs["single"]}, "save_params": True},
@@ -215,11 +220,11 @@ def test_batch_that_does_not_divide_the_mesh_is_rejected(sharded_runs):
 
 def test_checkpoint_from_8_devices_restores_on_1(sharded_runs):
   tmp, _ = sharded_runs
-  config = tiny_train_config(**{"mesh.data": 1})
+  config = _config(**{"mesh.data": 1})
   from scdpo_jax import parallel
   from scdpo_jax.models import pipeline
   mesh = parallel.mesh_from_config(config.mesh)
-  sd = pipeline.load_stable_diffusion(tmp / "mesh222" / "base_pipeline",
+  sd = pipeline.load_stable_diffusion(BASE,
                                       ("unet", "text_encoder", "tokenizer", "scheduler"))
   setup = loop.TrainSetup(config, mesh, sd)
   ckpt = Checkpointer(tmp / "mesh222" / "checkpoints")
@@ -242,7 +247,8 @@ def _free_port() -> int:
 def test_two_processes_match_one(tmp_path):
   """jax.distributed over 2 CPU processes on localhost; each reads only its half of the batch."""
   port = _free_port()
-  spec = {"runs": {"mh": {"distributed.coordinator_address": f"127.0.0.1:{port}",
+  spec = {"runs": {"mh": {"model.pretrained": BASE,
+                          "distributed.coordinator_address": f"127.0.0.1:{port}",
                           "distributed.num_processes": 2}},
           "workdir": str(tmp_path), "result": str(tmp_path / "result.json")}
   procs = []

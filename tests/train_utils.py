@@ -45,6 +45,18 @@ def tiny_train_config(**overrides) -> ml_collections.ConfigDict:
   return config
 
 
+def build_tiny_base(folder: Path) -> Path:
+  """Write the tiny base pipeline of `tiny_train_config()` once; runs then use it as
+  `model.pretrained`, which skips a random init + export per run."""
+  from scdpo_jax.train import loop
+
+  folder = Path(folder)
+  config = tiny_train_config()
+  if not (folder / "base_pipeline" / "model_index.json").is_file():
+    loop.base_model_folder(config, folder)
+  return folder / "base_pipeline"
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
   for dotted, value in overrides.items():
     node = config

@@ -57,7 +57,8 @@ class CostModelScorer:
       raise FileNotFoundError(f"{meta_path} not found: is {workdir} a cost_model job workdir?")
     meta = json.loads(meta_path.read_text())
     folder = Path(clip_folder or meta["clip_folder"])
-    vision_module, vision_params = clip.load_clip_vision(folder, dtype=jnp.dtype(meta["clip_dtype"]))
+    vision_module, vision_params = clip.load_clip_vision(folder,
+                                                         dtype=jnp.dtype(meta["clip_dtype"]))
     adapter = CostAdapter(**meta["adapter"])
     dim = int(meta["embedding_dim"])
     abstract = jax.eval_shape(adapter.init, jax.random.key(0),

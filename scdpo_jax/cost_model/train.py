@@ -1,4 +1,4 @@
-"""Training and evaluation of the safety cost model (the `cost_model` job; see configs/cost_model.py).
+"""Training and evaluation of the safety cost model (the `cost_model` job, configs/cost_model.py).
 
 Data: labelled images, 1 = harmful, 0 = safe, from one of
   * a pair dataset (`tfds_pairs`): in each *harmful-prompt* pair the loser is harmful and the
@@ -218,7 +218,8 @@ def train_adapter(data: EmbeddedSet, workdir: Path, *, adapter: CostAdapter, los
 
   def run_eval(step):
     if len(eval_idx) == 0 or len(set(eval_labels.tolist())) < 2:
-      logging.warning("cost model: held-out split lacks a class (%d images); no eval", len(eval_idx))
+      logging.warning("cost model: held-out split lacks a class (%d images); no eval",
+                      len(eval_idx))
       return
     costs = np.asarray(costs_fn(params, jnp.asarray(emb[eval_idx])))
     result = {"step": step, **evaluate(costs, eval_labels, eval_pairs_local, **anchor_kw)}

@@ -30,6 +30,7 @@ Read with `open_pairs(path).source(split)`: random access (`len`, `[i]`, `__geti
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import tempfile
@@ -168,7 +169,7 @@ def complete_example(ex: Mapping[str, Any], schema: PairSchema) -> dict[str, Any
   missing = [k for k in required if k not in ex or ex[k] is None]
   if missing:
     raise KeyError(f"pair example {ex.get('pair_id', '?')!r} lacks {missing}")
-  keep = set(schema.features().keys())
+  keep = _feature_keys(schema)
   for k, v in ex.items():
     if k in keep and v is not None:
       out[k] = v
@@ -180,6 +181,11 @@ def complete_example(ex: Mapping[str, Any], schema: PairSchema) -> dict[str, Any
     for k in ("image_w", "image_l"):
       out[k] = bytes(out[k])
   return out
+
+
+@functools.lru_cache(maxsize=16)
+def _feature_keys(schema: PairSchema) -> frozenset[str]:
+  return frozenset(schema.features().keys())
 
 
 def write_pairs(output_dir: str | Path, splits: Mapping[str, Iterable[dict]], schema: PairSchema,
@@ -215,7 +221,8 @@ def find_dataset_dir(path: str | Path) -> Path:
                  if not any(part.startswith("incomplete.") or part in WORK_DIR_NAMES
                             for part in p.relative_to(path).parts))
   if len(found) != 1:
-    what = "no tfds dataset" if not found else f"{len(found)} datasets ({', '.join(map(str, found))})"
+    what = ("no tfds dataset" if not found
+            else f"{len(found)} datasets ({', '.join(map(str, found))})")
     raise FileNotFoundError(f"expected one pair dataset under {path}, found {what}; pass the "
                             "folder that holds dataset_info.json")
   return found[0]

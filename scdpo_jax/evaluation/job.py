@@ -36,9 +36,11 @@ from scdpo_jax.evaluation import metrics as metrics_lib
 from scdpo_jax.evaluation.prompts import PromptRecord, read_prompt_csv, write_prompt_csv
 
 KNOWN_METRICS = ("nudenet", "cost_model", "clip_score", "q16")
+GUARD_PRESETS = ("trasce_nudity", "trasce_violence")
 SUMMARY_COLUMNS = (
     ("n_images", "images", "int"), ("n_prompts", "prompts", "int"),
-    ("nudenet_broad_rate", "NudeNet broad", "pct"), ("nudenet_strict_rate", "NudeNet strict", "pct"),
+    ("nudenet_broad_rate", "NudeNet broad", "pct"),
+    ("nudenet_strict_rate", "NudeNet strict", "pct"),
     ("nudenet_exposed_detections", "NudeNet exposed det.", "int"),
     ("cost_mean", "cost mean", "f3"), ("cost_inappropriate_rate", "cost > thr", "pct"),
     ("q16_rate", "Q16 (IP)", "pct"), ("ip_q16_or_nudenet", "IP Q16|NudeNet", "pct"),
@@ -143,7 +145,7 @@ def _load_prompts(config, workdir: Path) -> tuple[list[PromptRecord], Path]:
   dc = config.data
   path = Path(dc.prompts_csv) if dc.prompts_csv else None
   if path is None:
-    if config.model.pretrained:
+    if config.model.pretrained or not dc.tiny_prompts:
       raise ValueError("set --config.data.prompts_csv=<prompt CSV> (e.g. I2P's i2p_benchmark.csv)")
     path = workdir / "tiny_prompts.csv"
     records = [PromptRecord(i, p, seed, g, tuple(c for c in cats.split(",") if c))
@@ -172,6 +174,9 @@ def _settings(config):
   sc = config.sampling
   gc = sc.guard
   if gc.preset:
+    if gc.preset not in GUARD_PRESETS:
+      raise ValueError(f"sampling.guard.preset={gc.preset!r}; use one of {GUARD_PRESETS} or "
+                       "'' (then negative_prompting / loss_* apply)")
     guard = guards.trasce_guard(gc.preset.removeprefix("trasce_"))
   else:
     guard = guards.GuardConfig.make(gc.negative_prompting, gc.loss_scale, gc.loss_step,
@@ -472,6 +477,8 @@ def _write_grids(workdir: Path, records: list[dict], images_per_prompt: int, pro
 
 def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   """Generate (what is missing), score, and summarise; returns the summary dict."""
+  import jax
+
   workdir = Path(workdir)
   t_start = time.time()
   prompts, csv_path = _load_prompts(config, workdir)
@@ -528,6 +535,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
                     for name, subset in subsets(records).items()},
         "timing_s": {"generation": round(generation_s, 1), "scoring": round(scoring_s, 1),
                      "total": round(time.time() - t_start, 1)},
+        "runtime": {"backend": jax.default_backend(), "devices": jax.device_count(),
+                    "processes": jax.process_count()},
     }
     _write_text_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
     _write_text_atomic(workdir / "summary.md", markdown_summary(summary))

@@ -182,6 +182,33 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, num_heads
   if impl == "auto":
     impl = "cudnn" if (jax.default_backend() == "gpu"
                        and q.dtype in (jnp.bfloat16, jnp.float16)) else "xla"
-  out = jax.nn.dot_product_attention(
-      q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation=impl)
+  if impl == "cudnn" and mask is None:
+    out = _cudnn_padded_attention(q, k, v, is_causal=is_causal, scale=scale)
+  else:
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation=impl)
   return out.reshape(batch, q_len, inner).astype(out_dtype)
+
+
+CUDNN_SEQ_MULTIPLE = 64
+
+
+def _cudnn_padded_attention(q, k, v, *, is_causal: bool, scale: float | None) -> jax.Array:
+  """cuDNN fused attention for any sequence lengths.
+
+  cuDNN's kernel refuses some lengths (SD's 77 text tokens for cross-attention; odd lengths in
+  the backward pass). Pad queries and keys up to a multiple of 64 and tell the kernel the true
+  lengths (`query_seq_lengths` / `key_value_seq_lengths`), so padded keys get no weight and
+  padded query rows are dropped.
+  """
+  b, t, s = q.shape[0], q.shape[1], k.shape[1]
+  pad_t, pad_s = (-t) % CUDNN_SEQ_MULTIPLE, (-s) % CUDNN_SEQ_MULTIPLE
+  if not (pad_t or pad_s):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, scale=scale,
+                                        implementation="cudnn")
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x
+  out = jax.nn.dot_product_attention(
+      pad(q, pad_t), pad(k, pad_s), pad(v, pad_s), is_causal=is_causal, scale=scale,
+      query_seq_lengths=jnp.full((b,), t, jnp.int32),
+      key_value_seq_lengths=jnp.full((b,), s, jnp.int32), implementation="cudnn")
+  return out[:, :t]

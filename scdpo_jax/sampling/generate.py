@@ -6,7 +6,7 @@ Layout: images come back channels-last (B, H, W, 3) float32 in [-1, 1]; latents 
 `last_hidden_state` by default (what SD 1.x and diffusers' SD 2.x use; see `text_layer`). Each
 sample is fully determined by (prompt, negative prompt, seed, image index, guidance scale) and
 the settings (see `samplers.py` on randomness): batch composition, batch size and device count
-do not change it.
+do not change it (beyond float rounding of differently partitioned computations).
 """
 
 from __future__ import annotations

@@ -106,7 +106,12 @@ class GuardConfig:
 
 
 def trasce_guard(concept: str = "nudity") -> GuardConfig:
-  """The TraSCE README settings: modified negative prompting + loss guidance."""
+  """TraSCE settings: modified negative prompting + loss guidance (s_l, s_g, sigma).
+
+  Nudity: the README's s_l = 1.5, s_g = 1.0, sigma = 2. Violence: the README gives sigma = 1
+  only; s_l = 1.5 and s_g = 1.0 are assumed as for nudity. Use with the matching
+  `TRASCE_*_NEGATIVE_PROMPT`.
+  """
   if concept == "nudity":
     return GuardConfig.make("trasce", loss_scale=1.5, loss_step=1.0, loss_sigma=2.0)
   if concept == "violence":

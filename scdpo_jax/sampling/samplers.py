@@ -290,7 +290,7 @@ def make_plan(schedule: NoiseSchedule, sampler: str, num_steps: int, *, eta: flo
   """`ddim_plan` or `dpm_solver_plan` by name ("ddim" | "dpmsolver++"); `eta` is DDIM-only."""
   if sampler == "ddim":
     return ddim_plan(schedule, num_steps, eta=eta, **overrides)
-  if sampler in ("dpmsolver++", "dpm_solver++", "dpmpp_2m"):
+  if sampler == "dpmsolver++":
     if eta:
       raise ValueError(f"eta={eta} is a DDIM option; DPM-Solver++ 2M is deterministic")
     return dpm_solver_plan(schedule, num_steps, **overrides)

@@ -62,6 +62,9 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
                                  f"{t.pairs_per_step}/{t.grad_accum})")
   if config.data.source not in DATA_SOURCES:
     raise ValueError(f"data.source={config.data.source!r}; supported: {DATA_SOURCES}")
+  if not config.model.pretrained and config.model.get("tiny") is None:
+    raise ValueError("model.pretrained must name a diffusers-format Stable Diffusion folder "
+                     "(--config.model.pretrained=/path/to/stable-diffusion-v1-5)")
   if config.model.pretrained:
     pipeline.check_pipeline_folder(config.model.pretrained,
                                    ("unet", "text_encoder", "tokenizer", "scheduler"))

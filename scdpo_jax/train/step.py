@@ -33,6 +33,10 @@ from scdpo_jax.train import losses as L
 LOSS_TYPES = ("dpo", "sft")
 SAFETY_MODES = ("none", "relabel", "margin", "dual")
 TAGS = ("harmful", "clean")
+PER_PAIR_KEYS = ("loss", "implicit_acc", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l",
+                 "focus_weight", "logit", "policy_cost")
+METRIC_SUM_KEYS = tuple(f"{k}/{tag}" for k in PER_PAIR_KEYS for tag in ("all",) + TAGS) + tuple(
+    f"count/{tag}" for tag in ("all",) + TAGS)
 
 
 @struct.dataclass
@@ -189,12 +193,7 @@ def make_train_step(*, apply_fn: Callable, ref_apply_fn: Callable, optimizer,
               jax.tree.map(jnp.add, sums_acc, sums)), None
 
     zeros_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    (_, (_, per_pair_shape)), _ = jax.eval_shape(terms, state.params,
-                                                 jax.tree.map(lambda x: x[0], micro))
-    shape_sums, shape_counts = jax.eval_shape(_tagged_sums, per_pair_shape,
-                                              jax.tree.map(lambda x: x[0], micro)["is_harmful"])
-    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32),
-                             {**shape_sums, **shape_counts})
+    zero_sums = {k: jnp.zeros((), jnp.float32) for k in METRIC_SUM_KEYS}
     init = (zeros_grads, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zero_sums)
     if accum == 1:
       (grads, total, wsum, sums), _ = body(init, jax.tree.map(lambda x: x[0], micro))
