@@ -17,14 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_train_config(**overrides) -> ml_collections.ConfigDict:
-  """configs/default.py with a one-block UNet (fast to compile) and fp32 everything."""
+  """configs/scdpo_tiny.py (one-block UNet, fast to compile), fp32, a few steps."""
   sys.path.insert(0, str(ROOT))
-  from configs import default
+  from configs import scdpo_tiny
 
-  config = default.get_config()
-  config.model.tiny.unet.update(dict(
-      block_out_channels=(32,), layers_per_block=1, attention_head_dim=4,
-      down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",)))
+  config = scdpo_tiny.get_config()
+  config.train.gamma = 0.0
+  config.train.grad_accum = 1
+  config.checkpoint.every_steps = 10
   config.data.num_pairs = 16
   config.train.pairs_per_step = 8
   config.train.num_steps = 3

@@ -27,7 +27,6 @@ Unknown rewards/costs (NaN in the dataset) become 0, as batch.py specifies.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -36,29 +35,15 @@ import numpy as np
 
 from scdpo_jax.data import tfds_pairs
 from scdpo_jax.data.batch import FLOAT_KEYS, PAIR_KEYS
-from scdpo_jax.data.memory import epoch_permutation
+from scdpo_jax.data.memory import global_indices
 
 MAX_STEPS = 2 ** 40  # length of the endless step-indexed dataset
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_permutation(num: int, seed: int, epoch: int) -> np.ndarray:
-  return epoch_permutation(num, seed, epoch)
-
-
 def step_indices(step: int, global_batch: int, num: int, seed: int, shuffle: bool = True
                  ) -> np.ndarray:
-  """`memory.global_indices` with the epoch permutations cached (a permutation of 1M records
-  costs ~17 ms; a step needs at most two epochs'). Same values, checked by the tests."""
-  idx = np.arange(step * global_batch, (step + 1) * global_batch)
-  epochs, pos = np.divmod(idx, num)
-  if not shuffle:
-    return pos
-  out = np.empty_like(pos)
-  for e in np.unique(epochs):
-    sel = epochs == e
-    out[sel] = _cached_permutation(num, seed, int(e))[pos[sel]]
-  return out
+  """Record indices of the global batch of `step`: exactly `memory.global_indices`."""
+  return global_indices(step, global_batch, num, seed, shuffle)
 
 
 class PairLoader:

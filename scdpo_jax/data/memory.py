@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
 from scdpo_jax.data.batch import FLOAT_KEYS, PAIR_KEYS, validate_batch
 
 
+@functools.lru_cache(maxsize=4)
 def epoch_permutation(num: int, seed: int, epoch: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(num)
+  """The record order of one epoch (cached: a permutation of 1M records costs ~17 ms and a step
+  needs at most two epochs'). Read-only."""
+  perm = np.random.default_rng([seed, epoch]).permutation(num)
+  perm.flags.writeable = False
+  return perm
 
 
 def global_indices(step: int, global_batch: int, num: int, seed: int,

@@ -1,0 +1,72 @@
+"""Learning-rate schedules, lr scaling and both optimizers (incl. their sharded state)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default
+from scdpo_jax import parallel
+from scdpo_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes
+from scdpo_jax.train import optim
+
+
+def _opt(**kw) -> ml_collections.ConfigDict:
+  c = default.get_config().optimizer
+  c.update(kw)
+  return c
+
+
+def test_warmup_then_constant_with_scaled_lr():
+  opt = _opt(lr=1e-8, scale_lr=True, warmup_steps=500, schedule="constant")
+  sched = optim.learning_rate_schedule(opt, total_steps=2000, pairs_per_step=2048)
+  assert optim.effective_learning_rate(opt, 2048) == pytest.approx(2.048e-5)
+  assert float(sched(0)) == 0.0
+  assert float(sched(250)) == pytest.approx(1.024e-5, rel=1e-5)
+  assert float(sched(500)) == pytest.approx(2.048e-5, rel=1e-5)
+  assert float(sched(1999)) == pytest.approx(2.048e-5, rel=1e-5)
+
+
+def test_warmup_then_cosine():
+  opt = _opt(lr=1e-4, warmup_steps=10, schedule="cosine", cosine_final_fraction=0.1)
+  sched = optim.learning_rate_schedule(opt, total_steps=110, pairs_per_step=8)
+  assert float(sched(10)) == pytest.approx(1e-4, rel=1e-5)
+  assert float(sched(60)) == pytest.approx(1e-4 * (0.1 + 0.9 * 0.5), rel=1e-4)
+  assert float(sched(110)) == pytest.approx(1e-5, rel=1e-4)
+
+
+def test_bad_names_raise():
+  with pytest.raises(ValueError, match="optimizer.name='sgd'"):
+    optim.make_optimizer(_opt(name="sgd"), 10, 8)
+  with pytest.raises(ValueError, match="optimizer.schedule='step'"):
+    optim.make_optimizer(_opt(schedule="step"), 10, 8)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+  model = UNet2DConditionModel(UNetConfig.from_dict(dict(
+      sample_size=8, block_out_channels=(32,), layers_per_block=1, cross_attention_dim=16,
+      attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D",),
+      up_block_types=("CrossAttnUpBlock2D",))))
+  params = jax.jit(lambda k: jax.tree.map(
+      lambda x: getattr(x, "value", x), model.init(k, *model.init_inputs(1, 4))["params"],
+      is_leaf=lambda x: hasattr(x, "value")))(jax.random.key(0))
+  return model, params
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_optimizer_steps_and_state_shardings(name, tiny_unet):
+  model, params = tiny_unet
+  tx = optim.make_optimizer(_opt(name=name, lr=1e-3, warmup_steps=0), 10, 4)
+  boxed = unet_param_shapes(model)
+  mesh = parallel.make_mesh(1, 1, 1)
+  # The optimizer state's shardings come from the boxed (logically named) params.
+  state_shardings = parallel.logical_shardings(jax.eval_shape(tx.init, boxed), mesh,
+                                               default.DEFAULT_RULES)
+  opt_state = tx.init(params)
+  assert jax.tree.structure(state_shardings) == jax.tree.structure(opt_state)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, opt_state, params)
+  norms = [float(jnp.abs(u).max()) for u in jax.tree.leaves(updates)]
+  assert all(np.isfinite(norms)) and max(norms) > 0
