@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 TFLOP_PER_PAIR = 52.37 / 8  # PyTorch's flop counter on the peer step
 PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -66,43 +69,44 @@ def bench_ours(args) -> dict:
   config.optimizer.scale_lr = True
   config.optimizer.warmup_steps = 500
 
+  unet_cfg = common.TINY_UNET if args.tiny else common.SD15_UNET
   sd = pipeline.StableDiffusion()
-  sd.unet = unet_lib.UNet2DConditionModel(unet_lib.UNetConfig())
+  sd.unet = unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.from_dict(unet_cfg))
   sd.schedule = schedule.schedule_from_config(dict(
       num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
       beta_schedule="scaled_linear", prediction_type="epsilon"))
   mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   t_setup = time.time()
   setup = loop.TrainSetup(config, mesh, sd)
-  model = setup.policy
-  init = jax.jit(lambda k: meta.unbox(model.init(k, *model.init_inputs(1, 77))["params"]),
-                 out_shardings=setup.param_shardings)
-  _log("setup built; initialising SD1.5 params")
-  params = init(jax.random.key(0))
+  _log("setup built; random params")
+  params = loop.host_to_global(
+      common.random_params(meta.unbox(unet_lib.unet_param_shapes(setup.policy))),
+      setup.param_shardings)
   jax.block_until_ready(params)
-  _log("params initialised")
+  _log("params on device")
   ref_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p),
                        out_shardings=setup.ref_shardings)(params)
   state = setup.init_fn(params)
   del params
   rng = np.random.default_rng(0)
   n = args.pairs
+  s, d = unet_cfg["sample_size"], unet_cfg["cross_attention_dim"]
   batch_np = {
-      "latents_w": rng.standard_normal((n, 64, 64, 4), np.float32),
-      "latents_l": rng.standard_normal((n, 64, 64, 4), np.float32),
-      "text_states": rng.standard_normal((n, 77, 768), np.float32),
+      "latents_w": rng.standard_normal((n, s, s, 4), np.float32),
+      "latents_l": rng.standard_normal((n, s, s, 4), np.float32),
+      "text_states": rng.standard_normal((n, 77, d), np.float32),
       "is_harmful": (np.arange(n) % 2).astype(np.int32),
       "cost_w": rng.random(n).astype(np.float32), "cost_l": rng.random(n).astype(np.float32),
       "reward_w": np.zeros(n, np.float32), "reward_l": np.zeros(n, np.float32),
   }
-  empty = rng.standard_normal((1, 77, 768), np.float32)
+  empty = rng.standard_normal((1, 77, d), np.float32)
   _log("compiling the train step")
   compile_s = setup.compile_step({k: batch_np[k] for k in PAIR_KEYS}, empty)
   _log(f"compiled in {compile_s:.1f}s")
   batch = parallel.global_batch_from_local(batch_np, mesh)
   empty = jax.device_put(empty, parallel.replicated(mesh))
   for _ in range(3):
-    state, metrics = setup.step_fn(state, setup_ref := ref_params, batch, empty)
+    state, metrics = setup.step_fn(state, ref_params, batch, empty)
   jax.block_until_ready(state)
   _log("warm-up done")
   times = []
@@ -136,7 +140,7 @@ def bench_torch(args) -> dict:
   return json.loads(lines[-1])
 
 
-def main():
+def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("which", choices=["ours", "torch"])
   p.add_argument("--pairs", type=int, default=8)
@@ -145,9 +149,13 @@ def main():
   p.add_argument("--remat", default="none")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--compile", default="0")
-  args = p.parse_args()
+  p.add_argument("--tiny", action="store_true", help="tiny UNet: a CPU check of the script")
+  args = p.parse_args(argv)
+  if args.tiny:
+    args.steps = 2
   result = bench_ours(args) if args.which == "ours" else bench_torch(args)
   print(json.dumps(result), flush=True)
+  return result
 
 
 if __name__ == "__main__":
