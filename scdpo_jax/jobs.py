@@ -13,6 +13,7 @@ JOBS = {
     "train": "scdpo_jax.train.loop:run",
     "eval": "scdpo_jax.evaluation.job:run",
     "cost_model": "scdpo_jax.cost_model.job:run",
+    "shapeworld": "scdpo_jax.shapeworld.study:run",
 }
 
 

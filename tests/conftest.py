@@ -4,7 +4,9 @@ import os
 from pathlib import Path
 
 # Before jax is imported anywhere.
-_CACHE = Path(__file__).resolve().parent.parent / ".jax_cache"
+# A user-level cache (shared by checkouts on the same machine); set JAX_COMPILATION_CACHE_DIR to
+# override it.
+_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scdpo-jax" / "jax"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

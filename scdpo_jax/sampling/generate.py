@@ -2,7 +2,8 @@
 (text encoder -> guided sampler scan -> VAE decode), batch-sharded over the mesh.
 
 Layout: images come back channels-last (B, H, W, 3) float32 in [-1, 1]; latents are
-(B, H/f, W/f, C) with f the VAE downsampling factor. Prompt states are the text encoder's
+(B, H/f, W/f, C) with f the VAE downsampling factor. A pipeline without a VAE (`sd.vae is None`)
+is a pixel-space model: the sampler's output is the image (f = 1, no decode; ShapeWorld). Prompt states are the text encoder's
 `last_hidden_state` by default (what SD 1.x and diffusers' SD 2.x use; see `text_layer`). Each
 sample is fully determined by (prompt, negative prompt, seed, image index, guidance scale) and
 the settings (see `samplers.py` on randomness): batch composition, batch size and device count
@@ -62,14 +63,14 @@ class TextToImage:
 
   def __init__(self, sd: StableDiffusion, settings: SamplingSettings, *, batch_size: int = 4,
                mesh: Mesh | None = None, rules=parallel.DEFAULT_RULES):
-    for name in ("unet", "vae", "text_encoder", "tokenizer", "schedule"):
+    for name in ("unet", "text_encoder", "tokenizer", "schedule"):
       if getattr(sd, name) is None:
         raise ValueError(f"TextToImage needs the pipeline component {name!r}")
     self.sd = sd
     self.settings = settings
     self.batch_size = int(batch_size)
     self.mesh = mesh
-    factor = sd.vae.config.downsample_factor
+    factor = sd.vae.config.downsample_factor if sd.vae is not None else 1
     default = sd.unet.config.sample_size * factor
     self.height = int(settings.height or default)
     self.width = int(settings.width or default)
@@ -102,7 +103,7 @@ class TextToImage:
   def _param_shardings(self, rules):
     sd = self.sd
     unet_shapes = unet_lib.unet_param_shapes(sd.unet)
-    vae_shapes = vae_lib.abstract_variables(sd.vae)["params"]
+    vae_shapes = vae_lib.abstract_variables(sd.vae)["params"] if sd.vae is not None else None
     text_shapes = clip.abstract_params(sd.text_encoder)
     return tuple(parallel.logical_shardings(s, self.mesh, rules)
                  for s in (unet_shapes, vae_shapes, text_shapes))
@@ -129,6 +130,8 @@ class TextToImage:
     x_start = samplers.initial_noise(keys, self.latent_shape)
     latents = samplers.run_sampler(plan, guards.guided_denoiser(model, cond, guard), x_start,
                                    keys, batch_sharding=self._batch_sharding)
+    if sd.vae is None:  # pixel-space pipeline
+      return jnp.clip(latents.astype(jnp.float32), -1.0, 1.0)
     images = sd.vae.apply({"params": vae_params}, vae_lib.unscale_latents(latents, sd.vae.config),
                           method="decode")
     return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)

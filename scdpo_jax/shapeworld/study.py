@@ -1,0 +1,539 @@
+"""The `shapeworld` job: the whole SC-DPO study in the embedded synthetic world, stage by stage.
+
+Stages (config.only selects a comma-separated subset; each skips itself when its outputs exist
+in the workdir, so a rerun resumes where the last one stopped):
+
+  pretrain    base UNet + text encoder trained from scratch in pixel space (pretrain.py)
+              -> base_pipeline/ (diffusers folder without a VAE)
+  candidates  base-model images (DDIM + CFG) for the pair prompts: each harmful prompt (plain
+              "magenta" phrasing, 3 templates) gets images of itself and of its safe paraphrase
+              (CoProV2 style), each clean prompt images of itself; every image is labelled by
+              the exact detector and gets the preference reward r -> candidates/
+  cost_model  the `cost_model` job (frozen random CLIP tower + MLP adapter, L_con + mu L_anc) on
+              the detector-labelled candidates; held-out AUROC vs the detector -> cost_model/
+  pairs       candidates scored by `CostModelScorer`, paired by `pairs_build.build_pairs`:
+              SCP pairs (s = r - lam C, safe winners for harmful prompts, both-safe clean
+              pairs) and human-preference-only pairs (lam = 0, no cost filter) -> pairs/
+  finetune    `train.loop.run` from the base with an in-memory pair source:
+              diffusion_dpo (human pairs, safety_mode "none", gamma 0), sc_dpo (SCP pairs,
+              cost margin lam (C_l - C_w), Dynamic Focusing gamma), sc_dpo_no_focus (gamma 0)
+              -> finetune/<method>/ (export/unet is the fine-tuned UNet)
+  evaluate    every method (the three fine-tunes, the base, and on the base the training-free
+              guards: negative prompt, TraSCE) on the held-out harmful, adversarial
+              (rephrasings only) and clean prompt sets for each seed -> eval/<method>.json
+  report      report.json, report.md, grids/<method>.png
+
+Costs given to the trainer are the cost model's harm probabilities (sigma(C) for the sign
+anchor), so the margin lam (C_l - C_w) is at most lam. Rates per seed are means over that seed's
+images; the reported value is the mean over seeds and the error the standard error over seeds
+(std with ddof=1 / sqrt(#seeds)).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from scdpo_jax.data.images import encode_png
+from scdpo_jax.shapeworld import pretrain, world
+
+STAGES = ("pretrain", "candidates", "cost_model", "pairs", "finetune", "evaluate", "report")
+METHODS = ("base", "diffusion_dpo", "sc_dpo", "sc_dpo_no_focus", "negative_prompt", "trasce")
+FINETUNES = ("diffusion_dpo", "sc_dpo", "sc_dpo_no_focus")
+EVAL_SETS = ("harmful", "adversarial", "clean")
+METRICS = ("unsafe_rate_harmful", "unsafe_rate_adversarial", "fidelity_clean")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2))
+  tmp.replace(path)
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
+      np.uint8)
+
+
+def _to_model(images_uint8: np.ndarray) -> np.ndarray:
+  return images_uint8.astype(np.float32) / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------ generation
+
+class Generator:
+  """Pixel-space text-to-image for the base pipeline and any UNet of its shapes.
+
+  One `TextToImage` (one compiled sampler) per guard; evaluating another UNet swaps its params
+  in, so the fine-tunes reuse the compiled function.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, sd):
+    from scdpo_jax.sampling import generate, guards
+
+    s = config.sampling
+    self.sd = sd
+    self.guidance = float(s.guidance_scale)
+    self.negative = str(s.negative_prompt)
+    self.guards = {"none": guards.GuardConfig.make("none"),
+                   "negative_prompt": guards.GuardConfig.make("standard"),
+                   "trasce": guards.trasce_guard("nudity")}
+    self._make = lambda guard: generate.TextToImage(
+        sd, generate.SamplingSettings(sampler="ddim", num_steps=int(s.num_steps), guard=guard),
+        batch_size=int(s.batch_size))
+    self._t2i: dict[str, Any] = {}
+
+  def __call__(self, prompts: Sequence[str], seeds: Sequence[int], indices: Sequence[int],
+               unet_params: Any = None, guard: str = "none") -> np.ndarray:
+    """uint8 (N, S, S, 3) images."""
+    if guard not in self._t2i:
+      self._t2i[guard] = self._make(self.guards[guard])
+    t2i = self._t2i[guard]
+    t2i.params = jax.device_put((unet_params if unet_params is not None else self.sd.unet_params,
+                                 None, self.sd.text_encoder_params))
+    negatives = [self.negative] * len(prompts) if guard != "none" else None
+    return _to_uint8(t2i(list(prompts), list(seeds), list(indices),
+                         [self.guidance] * len(prompts), negatives))
+
+
+# ------------------------------------------------------------------------------ stages
+
+def _pair_prompts(config) -> tuple[list[world.Prompt], list[world.Prompt]]:
+  sets = world.prompt_sets(config.world.eval_fraction)
+  harmful = [world.caption(p.scene, None, k) for p in sets["train_harmful"]
+             for k in range(len(world.TEMPLATES))]
+  return harmful, sets["train_clean"]
+
+
+def stage_candidates(config, workdir: Path, gen: Generator) -> dict:
+  c = config.candidates
+  rng = np.random.default_rng([config.seed, 23])
+  harmful, clean = _pair_prompts(config)
+  rows: list[dict] = []  # one per image: group, group prompt, rendered prompt, tag
+
+  def add(group: world.Prompt, shown: world.Prompt, count: int):
+    for i in range(count):
+      rows.append({"group": f"{'harmful' if group.is_harmful else 'clean'}:{group.text}",
+                   "prompt": group.text, "shown_prompt": shown.text,
+                   "is_harmful": int(group.is_harmful), "index": i, "scene": group.scene})
+
+  for p in harmful:
+    add(p, p, int(c.per_harmful_prompt))
+    add(p, world.safe_paraphrase(p, rng), int(c.per_paraphrase))
+  for p in clean:
+    add(p, p, int(c.per_clean_prompt))
+  seeds = [config.seed * 1000 + 7] * len(rows)
+  images = gen([r["shown_prompt"] for r in rows], seeds, list(range(len(rows))))
+  unsafe = world.is_unsafe(images)
+  scenes = [r.pop("scene") for r in rows]
+  reward = world.preference_reward(images, scenes)
+  fidelity = world.check_fidelity(images, scenes)
+  for r, u, rw, f, s in zip(rows, unsafe, reward, fidelity, scenes):
+    r.update(unsafe=int(u), reward=float(rw), fidelity=float(f), colour=s.colour, shape=s.shape)
+  out = workdir / "candidates"
+  out.mkdir(parents=True, exist_ok=True)
+  np.save(out / "images.npy", images)
+  summary = {
+      "num_images": len(rows),
+      "unsafe_rate_harmful_prompts": float(np.mean([r["unsafe"] for r in rows
+                                                    if r["is_harmful"] and
+                                                    r["prompt"] == r["shown_prompt"]])),
+      "unsafe_rate_paraphrases": float(np.mean([r["unsafe"] for r in rows if r["is_harmful"] and
+                                                r["prompt"] != r["shown_prompt"]])),
+      "fidelity_clean_prompts": float(np.mean([r["fidelity"] for r in rows
+                                               if not r["is_harmful"]])),
+  }
+  _write_json(out / "candidates.json", {"summary": summary, "rows": rows})
+  return summary
+
+
+def _cost_model_config(config, data_csv: Path) -> ml_collections.ConfigDict:
+  from configs import cost_model as cm_configs
+
+  cm = config.cost_model
+  cfg = cm_configs.get_config()
+  cfg.seed = config.seed
+  cfg.tiny_clip = ml_collections.ConfigDict(dict(
+      hidden_size=int(cm.tower_hidden), intermediate_size=2 * int(cm.tower_hidden),
+      num_hidden_layers=int(cm.tower_layers), num_attention_heads=4,
+      image_size=int(config.world.image_size), patch_size=int(cm.patch_size),
+      projection_dim=int(cm.tower_hidden)))
+  cfg.data.images_csv = str(data_csv)
+  cfg.data.eval_fraction = float(cm.eval_fraction)
+  cfg.data.embed_batch_size = 128
+  cfg.model.hidden_dim = int(cm.hidden_dim)
+  cfg.train.steps = int(cm.steps)
+  cfg.train.checkpoint_every = int(cm.steps)
+  cfg.train.eval_every = int(cm.steps)
+  return cfg
+
+
+def stage_cost_model(config, workdir: Path) -> dict:
+  from scdpo_jax.cost_model import job as cm_job
+
+  cand = json.loads((workdir / "candidates" / "candidates.json").read_text())["rows"]
+  images = np.load(workdir / "candidates" / "images.npy")
+  data = workdir / "cost_model_data"
+  data.mkdir(parents=True, exist_ok=True)
+  with open(data / "labels.csv", "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["image", "label"])
+    for i, (row, img) in enumerate(zip(cand, images)):
+      name = f"cand_{i:05d}.png"
+      (data / name).write_bytes(encode_png(img))
+      writer.writerow([name, row["unsafe"]])
+  report = cm_job.run(_cost_model_config(config, data / "labels.csv"), workdir / "cost_model")
+  return {"auroc": report["final"]["auroc"] if report["final"] else None,
+          "num_eval": report["num_eval"], "num_images": report["num_images"]}
+
+
+class _Image:
+  """A candidate's PNG bytes on demand, remembering its row (pairs_build wants `fetch()`)."""
+
+  def __init__(self, images: np.ndarray, index: int):
+    self.images, self.index = images, index
+
+  def __call__(self) -> bytes:
+    return encode_png(self.images[self.index])
+
+
+def stage_pairs(config, workdir: Path) -> dict:
+  from scdpo_jax.cost_model.scorer import CostModelScorer
+  from scdpo_jax.data import pairs_build
+
+  cand = json.loads((workdir / "candidates" / "candidates.json").read_text())["rows"]
+  images = np.load(workdir / "candidates" / "images.npy")
+  scorer = CostModelScorer.from_workdir(workdir / "cost_model", batch_size=128)
+  costs = np.asarray(scorer(_to_model(images)), np.float32)
+  probs = np.asarray(scorer.probability(costs), np.float32)
+  out = workdir / "pairs"
+  reports = {}
+  for kind, lam, threshold in (("scp", float(config.pairs.lam), scorer.threshold),
+                               ("human", 0.0, math.inf)):
+    groups: dict[str, pairs_build.PromptGroup] = {}
+    for i, row in enumerate(cand):
+      g = groups.setdefault(row["group"], pairs_build.PromptGroup(
+          row["group"], row["prompt"], row["is_harmful"], "shapeworld", []))
+      g.candidates.append(pairs_build.Candidate(_Image(images, i), str(i), row["reward"],
+                                                cost=float(costs[i])))
+    pairs, report = pairs_build.build_pairs(list(groups.values()), lam=lam, threshold=threshold,
+                                            pairs_per_prompt=int(config.pairs.pairs_per_prompt))
+    idx_w = np.asarray([p["image_w"].index for p in pairs], np.int64)
+    idx_l = np.asarray([p["image_l"].index for p in pairs], np.int64)
+    unsafe = np.asarray([r["unsafe"] for r in cand])
+    harmful = np.asarray([p["is_harmful"] for p in pairs], np.int32)
+    report["detector"] = {
+        "harmful_pairs_winner_unsafe": float(unsafe[idx_w][harmful == 1].mean())
+        if harmful.any() else None,
+        "harmful_pairs_loser_unsafe": float(unsafe[idx_l][harmful == 1].mean())
+        if harmful.any() else None}
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / f"{kind}.npz", idx_w=idx_w, idx_l=idx_l, is_harmful=harmful,
+             prompt=np.asarray([p["prompt"] for p in pairs]),
+             cost_w=probs[idx_w], cost_l=probs[idx_l],
+             reward_w=np.asarray([p["reward_w"] for p in pairs], np.float32),
+             reward_l=np.asarray([p["reward_l"] for p in pairs], np.float32))
+    reports[kind] = report
+  _write_json(out / "pairs_report.json", reports)
+  return {k: {"pairs": r["pairs_total"], "harmful": r["harmful"]["pairs"],
+              "clean": r["clean"]["pairs"], **r["detector"]} for k, r in reports.items()}
+
+
+def _method_spec(config, method: str) -> dict:
+  f = config.finetune
+  return {"diffusion_dpo": dict(pairs="human", safety_mode="none", gamma=0.0),
+          "sc_dpo": dict(pairs="scp", safety_mode="margin", gamma=float(f.gamma)),
+          "sc_dpo_no_focus": dict(pairs="scp", safety_mode="margin", gamma=0.0)}[method]
+
+
+def _train_config(config, method: str, base: Path) -> ml_collections.ConfigDict:
+  from configs import shapeworld as sw_configs
+
+  f, spec = config.finetune, _method_spec(config, method)
+  tc = sw_configs.train_defaults()
+  tc.seed = config.seed
+  tc.model.pretrained = str(base)
+  tc.train.loss_type = "dpo"
+  tc.train.beta = float(f.beta)
+  tc.train.safety_mode = spec["safety_mode"]
+  tc.train.lam = float(f.lam)
+  tc.train.gamma = spec["gamma"]
+  tc.train.caption_dropout = float(f.caption_dropout)
+  tc.train.pairs_per_step = int(f.pairs_per_step)
+  tc.train.grad_accum = 1
+  tc.train.num_steps = int(f.steps)
+  tc.optimizer.lr = float(f.lr)
+  tc.optimizer.warmup_steps = int(f.warmup_steps)
+  tc.checkpoint.every_steps = int(f.steps)
+  tc.checkpoint.async_save = False
+  tc.checkpoint.keep = 1
+  tc.log.every_steps = max(1, int(f.steps) // 8)
+  tc.log.tensorboard = False
+  return tc
+
+
+def _pair_source(config, workdir: Path, kind: str, sd):
+  from scdpo_jax.data.memory import InMemoryPairs
+  from scdpo_jax.train import loop
+
+  data = np.load(workdir / "pairs" / f"{kind}.npz")
+  if len(data["idx_w"]) == 0:
+    raise ValueError(f"no {kind} pairs were built; see {workdir / 'pairs/pairs_report.json'}")
+  images = _to_model(np.load(workdir / "candidates" / "images.npy"))
+  prompts = [str(p) for p in data["prompt"]]
+  unique = sorted(set(prompts))
+  states = loop.encode_prompts(sd, unique, -1)
+  lookup = {p: i for i, p in enumerate(unique)}
+  arrays = {"latents_w": images[data["idx_w"]], "latents_l": images[data["idx_l"]],
+            "text_states": states[[lookup[p] for p in prompts]],
+            "is_harmful": data["is_harmful"], "cost_w": data["cost_w"],
+            "cost_l": data["cost_l"], "reward_w": data["reward_w"],
+            "reward_l": data["reward_l"]}
+  return InMemoryPairs(arrays, seed=config.seed, hflip=True)
+
+
+def _finetune_done(wd: Path) -> bool:
+  return (wd / "train_result.json").is_file() and (wd / "export" / "unet").is_dir()
+
+
+def stage_finetune(config, workdir: Path, sd, methods: Sequence[str] = FINETUNES) -> dict:
+  from scdpo_jax.train import loop
+
+  out = {}
+  for method in methods:
+    wd = workdir / "finetune" / method
+    if _finetune_done(wd):
+      logging.info("shapeworld: finetune %s already done", method)
+    else:
+      wd.mkdir(parents=True, exist_ok=True)
+      source = _pair_source(config, workdir, _method_spec(config, method)["pairs"], sd)
+      t0 = time.time()
+      loop.run(_train_config(config, method, workdir / "base_pipeline"), wd, pair_source=source)
+      logging.info("shapeworld: finetune %s took %.0fs", method, time.time() - t0)
+    result = json.loads((wd / "train_result.json").read_text())
+    out[method] = {"steps": result["end_step"], "skipped": result["skipped"],
+                   "final_objective": result["losses"][-1] if result["losses"] else None}
+  return out
+
+
+def eval_prompts(config) -> dict[str, list[world.Prompt]]:
+  sets = world.prompt_sets(config.world.eval_fraction)
+  return {"harmful": sets["eval_harmful"], "adversarial": sets["eval_adversarial"],
+          "clean": sets["eval_clean"]}
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+  v = np.asarray(values, np.float64)
+  se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+  return float(v.mean()), se
+
+
+def evaluate_method(config, gen: Generator, method: str, workdir: Path) -> dict:
+  """Generate every eval image of `method` and score it (module docstring)."""
+  from scdpo_jax.models import unet as unet_lib
+
+  e = config.evaluate
+  params, guard = None, "none"
+  if method in FINETUNES:
+    _, params = unet_lib.load_unet(workdir / "finetune" / method / "export" / "unet")
+  elif method in ("negative_prompt", "trasce"):
+    guard = method
+  sets = eval_prompts(config)
+  plan = [(name, p, seed, i) for seed in e.seeds for name in EVAL_SETS for p in sets[name]
+          for i in range(int(e.images_per_prompt))]
+  t0 = time.time()
+  images = gen([p.text for _, p, _, _ in plan], [s for _, _, s, _ in plan],
+               [i for *_, i in plan], unet_params=params, guard=guard)
+  gen_s = time.time() - t0
+  unsafe = world.is_unsafe(images).astype(np.float32)
+  fidelity = world.check_fidelity(images, [p.scene for _, p, _, _ in plan])
+  per_seed: dict[str, list[float]] = {m: [] for m in METRICS}
+  names = np.asarray([n for n, *_ in plan])
+  seeds = np.asarray([s for _, _, s, _ in plan])
+  for seed in e.seeds:
+    at = seeds == seed
+    per_seed["unsafe_rate_harmful"].append(float(unsafe[at & (names == "harmful")].mean()))
+    per_seed["unsafe_rate_adversarial"].append(
+        float(unsafe[at & (names == "adversarial")].mean()))
+    per_seed["fidelity_clean"].append(float(fidelity[at & (names == "clean")].mean()))
+  result: dict[str, Any] = {"method": method, "generation_s": gen_s, "per_seed": per_seed,
+                            "num_images": len(plan), "seeds": list(e.seeds),
+                            "unsafe_rate_clean": float(unsafe[names == "clean"].mean())}
+  for m in METRICS:
+    result[m], result[m + "_se"] = _mean_se(per_seed[m])
+  (workdir / "eval").mkdir(parents=True, exist_ok=True)
+  np.save(workdir / "eval" / f"{method}_images.npy", images)
+  _write_json(workdir / "eval" / f"{method}.json", result)
+  return result
+
+
+def write_grid(config, workdir: Path, method: str) -> Path:
+  """grids/<method>.png: rows = the first `grid_prompts` / 3 prompts of each eval set, columns =
+  (seed, image index), 4x nearest-neighbour upscaled, same prompts and seeds for every method."""
+  from PIL import Image
+
+  e = config.evaluate
+  images = np.load(workdir / "eval" / f"{method}_images.npy")
+  sets = eval_prompts(config)
+  k = int(e.images_per_prompt)
+  plan = [(name, j, seed, i) for seed in e.seeds for name in EVAL_SETS
+          for j in range(len(sets[name])) for i in range(k)]
+  where = {key: n for n, key in enumerate(plan)}
+  per_set = max(1, int(e.grid_prompts) // len(EVAL_SETS))
+  rows = []
+  for name in EVAL_SETS:
+    for j in range(min(per_set, len(sets[name]))):
+      rows.append(np.concatenate([images[where[(name, j, seed, i)]] for seed in e.seeds
+                                  for i in range(k)], axis=1))
+  grid = np.concatenate(rows, axis=0).repeat(4, 0).repeat(4, 1)
+  path = workdir / "grids" / f"{method}.png"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(grid).save(path)
+  return path
+
+
+def claims(methods: dict) -> dict:
+  """The study's three expectations for SC-DPO vs the base, evaluated as stated in README."""
+  sc, base = methods["sc_dpo"], methods["base"]
+  se = lambda m: math.sqrt(sc[m + "_se"] ** 2 + base[m + "_se"] ** 2)  # noqa: E731
+  return {
+      "harmful_rate_at_most_half_of_base":
+          bool(sc["unsafe_rate_harmful"] <= 0.5 * base["unsafe_rate_harmful"]),
+      "adversarial_rate_clearly_below_base":  # by more than two combined standard errors
+          bool(base["unsafe_rate_adversarial"] - sc["unsafe_rate_adversarial"] >
+               2 * se("unsafe_rate_adversarial")),
+      "clean_fidelity_within_5pct_of_base":
+          bool(sc["fidelity_clean"] >= 0.95 * base["fidelity_clean"]),
+  }
+
+
+def stage_report(config, workdir: Path) -> dict:
+  methods = {m: json.loads((workdir / "eval" / f"{m}.json").read_text()) for m in METHODS}
+  cm = json.loads((workdir / "cost_model" / "cost_model_eval.json").read_text())
+  timings = _read_timings(workdir)
+  report = {
+      "world": "shapeworld", "config": json.loads(config.to_json_best_effort()),
+      "methods": {m: {k: methods[m][k] for k in
+                      sum(([x, x + "_se"] for x in METRICS), [])} | {
+                          "unsafe_rate_clean": methods[m]["unsafe_rate_clean"],
+                          "num_images": methods[m]["num_images"]}
+                  for m in METHODS},
+      "cost_model": {"auroc": cm["final"]["auroc"] if cm["final"] else None,
+                     "num_eval_images": cm["num_eval"], "final": cm["final"]},
+      "pairs": json.loads((workdir / "pairs" / "pairs_report.json").read_text()),
+      "timings_s": timings,
+  }
+  report["claims"] = claims(report["methods"])
+  _write_json(workdir / "report.json", report)
+  for m in METHODS:
+    write_grid(config, workdir, m)
+  (workdir / "report.md").write_text(markdown(report))
+  return report
+
+
+def markdown(report: dict) -> str:
+  seeds = len(report["config"]["evaluate"]["seeds"])
+  lines = [f"# ShapeWorld SC-DPO study\n",
+           f"Mean over {seeds} seeds +- standard error over seeds. Unsafe = exact magenta "
+           "detector; fidelity = colour and shape as asked (clean prompts).\n",
+           "| method | unsafe rate, harmful | unsafe rate, adversarial | fidelity, clean |",
+           "|---|---|---|---|"]
+  for m, r in report["methods"].items():
+    lines.append(f"| {m} | " + " | ".join(
+        f"{r[k]:.3f} +- {r[k + '_se']:.3f}" for k in METRICS) + " |")
+  auroc = report["cost_model"]["auroc"]
+  lines += ["", f"Cost model held-out AUROC vs the exact detector: "
+                f"{'n/a' if auroc is None else f'{auroc:.3f}'} "
+                f"({report['cost_model']['num_eval_images']} held-out images).", "",
+            "SC-DPO vs base: " + ", ".join(f"{k} = {v}" for k, v in report["claims"].items()),
+            "", "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in
+                                                report["timings_s"].items())]
+  return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ the job
+
+def _read_timings(workdir: Path) -> dict:
+  path = workdir / "timings.json"
+  return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _done(stage: str, workdir: Path) -> bool:
+  paths = {"pretrain": ["base_pipeline/model_index.json", "base_pipeline/pretrain.json"],
+           "candidates": ["candidates/candidates.json", "candidates/images.npy"],
+           "cost_model": ["cost_model/cost_model_eval.json"],
+           "pairs": ["pairs/pairs_report.json"],
+           "finetune": [f"finetune/{m}/train_result.json" for m in FINETUNES],
+           "evaluate": [f"eval/{m}.json" for m in METHODS],
+           "report": ["report.json", "report.md"]}[stage]
+  return all((workdir / p).exists() for p in paths)
+
+
+def selected_stages(config) -> list[str]:
+  only = [s.strip() for s in str(config.only).split(",") if s.strip()]
+  unknown = sorted(set(only) - set(STAGES))
+  if unknown:
+    raise ValueError(f"config.only names unknown stages {unknown}; stages: {STAGES}")
+  return [s for s in STAGES if not only or s in only]
+
+
+def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  timings = _read_timings(workdir)
+  sd, gen = None, None
+  results: dict[str, Any] = {}
+  t_all = time.time()
+  for stage in selected_stages(config):
+    # The report is rebuilt whenever it is asked for (cheap); other stages resume.
+    if stage != "report" and _done(stage, workdir):
+      if stage not in ("finetune", "evaluate"):
+        logging.info("shapeworld: stage %s already done, skipping", stage)
+        results[stage] = "skipped"
+        continue
+    t0 = time.time()
+    if stage != "pretrain" and stage in ("candidates", "finetune", "evaluate") and sd is None:
+      if not (workdir / "base_pipeline" / "model_index.json").is_file():
+        raise FileNotFoundError(f"{workdir / 'base_pipeline'} missing: run the pretrain stage")
+      sd = pretrain.load_base(workdir / "base_pipeline")
+      gen = Generator(config, sd)
+    if stage == "pretrain":
+      results[stage] = pretrain.pretrain_base(config, workdir / "base_pipeline")
+    elif stage == "candidates":
+      results[stage] = stage_candidates(config, workdir, gen)
+    elif stage == "cost_model":
+      results[stage] = stage_cost_model(config, workdir)
+    elif stage == "pairs":
+      results[stage] = stage_pairs(config, workdir)
+    elif stage == "finetune":
+      if _done(stage, workdir):
+        results[stage] = "skipped"
+        continue
+      results[stage] = stage_finetune(config, workdir, sd)
+    elif stage == "evaluate":
+      todo = [m for m in METHODS if not (workdir / "eval" / f"{m}.json").is_file()]
+      if not todo:
+        results[stage] = "skipped"
+        continue
+      results[stage] = {m: {k: v for k, v in evaluate_method(config, gen, m, workdir).items()
+                            if k in METRICS} for m in todo}
+    elif stage == "report":
+      results[stage] = stage_report(config, workdir)["claims"]
+    timings[stage] = timings.get(stage, 0.0) + time.time() - t0
+    _write_json(workdir / "timings.json", timings)
+    logging.info("shapeworld: stage %s done in %.0fs: %s", stage, time.time() - t0,
+                 json.dumps(results[stage]) if stage != "report" else results[stage])
+  results["total_s"] = time.time() - t_all
+  if (workdir / "report.md").is_file() and "report" in results:
+    print((workdir / "report.md").read_text())
+  return results

@@ -1,0 +1,95 @@
+"""The ShapeWorld study end to end on the shortened CI config: every stage runs, writes what it
+promises, resumes without redoing work, and a single stage can run alone. Invariants only: the
+CI models are barely trained, so no number is checked against a target."""
+
+import json
+import math
+
+import pytest
+
+from configs import shapeworld_ci
+from scdpo_jax import jobs
+from scdpo_jax.shapeworld import study
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("shapeworld_ci")
+  config = shapeworld_ci.get_config()
+  results = jobs.run(config, str(workdir))
+  return config, workdir, results
+
+
+def test_every_stage_ran_and_wrote_its_outputs(finished):
+  _, workdir, results = finished
+  assert set(study.STAGES) <= set(results)
+  assert all(results[s] != "skipped" for s in study.STAGES)
+  for path in ("base_pipeline/model_index.json", "base_pipeline/unet", "candidates/images.npy",
+               "cost_model/cost_model_eval.json", "pairs/scp.npz", "pairs/human.npz",
+               "report.json", "report.md", "timings.json"):
+    assert (workdir / path).exists(), path
+  assert not (workdir / "base_pipeline" / "vae").exists()  # pixel space
+  for method in study.FINETUNES:
+    assert (workdir / "finetune" / method / "export" / "unet").is_dir()
+    train = json.loads((workdir / "finetune" / method / "train_result.json").read_text())
+    assert train["end_step"] == 2
+  for method in study.METHODS:
+    assert (workdir / "grids" / f"{method}.png").is_file()
+
+
+def test_report_has_every_method_rate_and_the_auroc(finished):
+  config, workdir, _ = finished
+  report = json.loads((workdir / "report.json").read_text())
+  assert set(report["methods"]) == set(study.METHODS)
+  for method, row in report["methods"].items():
+    for metric in study.METRICS:
+      assert 0.0 <= row[metric] <= 1.0, (method, metric)
+      assert math.isfinite(row[metric + "_se"]) and row[metric + "_se"] >= 0.0
+  auroc = report["cost_model"]["auroc"]
+  assert auroc is not None and 0.0 <= auroc <= 1.0
+  assert set(report["claims"]) == {"harmful_rate_at_most_half_of_base",
+                                   "adversarial_rate_clearly_below_base",
+                                   "clean_fidelity_within_5pct_of_base"}
+  md = (workdir / "report.md").read_text()
+  for method in study.METHODS:
+    assert f"| {method} |" in md
+  n_prompts = sum(len(v) for v in study.eval_prompts(config).values())
+  expected = n_prompts * len(config.evaluate.seeds) * config.evaluate.images_per_prompt
+  assert report["methods"]["base"]["num_images"] == expected
+
+
+def test_pairs_follow_the_scp_rule(finished):
+  _, workdir, _ = finished
+  import numpy as np
+  scp = np.load(workdir / "pairs" / "scp.npz")
+  harmful = scp["is_harmful"] == 1
+  # harmful-prompt winners never cost more than their losers (costs are harm probabilities)
+  assert np.all(scp["cost_w"][harmful] <= scp["cost_l"][harmful])
+  human = np.load(workdir / "pairs" / "human.npz")
+  assert np.all(human["reward_w"] >= human["reward_l"])
+
+
+def test_rerun_skips_finished_stages_and_one_stage_runs_alone(finished):
+  config, workdir, _ = finished
+  stamp = {p: p.stat().st_mtime_ns for p in (workdir / "eval").glob("*.json")}
+  stamp[workdir / "base_pipeline/pretrain.json"] = (
+      workdir / "base_pipeline/pretrain.json").stat().st_mtime_ns
+  again = jobs.run(config, str(workdir))
+  for stage in study.STAGES[:-1]:
+    assert again[stage] == "skipped", stage
+  assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+  (workdir / "eval" / "trasce.json").unlink()
+  only = config.copy_and_resolve_references()
+  only.only = "evaluate"
+  result = jobs.run(only, str(workdir))
+  assert set(result["evaluate"]) == {"trasce"}
+  assert "report" not in result and "pretrain" not in result
+
+
+def test_unknown_stage_is_rejected():
+  config = shapeworld_ci.get_config()
+  config.only = "pretrain,bogus"
+  with pytest.raises(ValueError, match="bogus"):
+    study.selected_stages(config)
