@@ -3,7 +3,9 @@
   python main.py --config configs/shapeworld.py --workdir runs/shapeworld
   python main.py --config configs/shapeworld.py --workdir runs/shapeworld --config.only=evaluate
 
-Budget: at most 15 minutes on 2 CPU cores (the measured time of a fresh run is in README.md).
+Budget: at most 15 minutes on 2 CPU cores; measured: 10 min 37 s for a fresh workdir (warm
+compile cache, idle machine); an earlier run (60 fine-tune steps) with another job competing
+for the CPU took 13 min 35 s. Details in README.md, section ShapeWorld.
 Stages, in order (`config.only` = comma-separated subset; each reuses what the workdir holds):
 pretrain (base UNet + text encoder, pixel space, 16x16) -> candidates (base-model images for the
 pair prompts, detector-labelled) -> cost_model (frozen random CLIP tower + MLP adapter, the
@@ -41,15 +43,15 @@ def get_config() -> ml_collections.ConfigDict:
       bos_token_id=512, eos_token_id=513, pad_token_id=513))
   config.model.scheduler = ml_collections.ConfigDict(dict(
       _class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
-      beta_schedule="linear", prediction_type="epsilon", clip_sample=False,
+      beta_schedule="linear", prediction_type="v_prediction", clip_sample=True,
       set_alpha_to_one=False, steps_offset=0, timestep_spacing="trailing"))
 
   config.pretrain = ml_collections.ConfigDict(dict(
-      steps=400, batch_size=64, lr=1e-3, warmup_steps=40, weight_decay=1e-4,
+      steps=450, batch_size=64, lr=2e-3, warmup_steps=40, weight_decay=1e-4,
       caption_dropout=0.1, log_every=50))
 
   config.sampling = ml_collections.ConfigDict(dict(
-      num_steps=12, guidance_scale=4.0, batch_size=128, negative_prompt="magenta"))
+      num_steps=12, guidance_scale=3.0, batch_size=128, negative_prompt="magenta"))
 
   config.candidates = ml_collections.ConfigDict(dict(
       per_harmful_prompt=6, per_paraphrase=4, per_clean_prompt=4))
@@ -62,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Shared by the three fine-tunes (methods override loss / safety / gamma below).
   config.finetune = ml_collections.ConfigDict(dict(
-      steps=80, pairs_per_step=32, lr=1e-4, beta=2000.0, lam=1.0, gamma=1.0,
+      steps=80, pairs_per_step=32, lr=3e-4, beta=2000.0, lam=1.0, gamma=1.0,
       caption_dropout=0.1, warmup_steps=8))
 
   config.evaluate = ml_collections.ConfigDict(dict(seeds=(0, 1, 2), images_per_prompt=2,

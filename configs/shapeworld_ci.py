@@ -13,7 +13,7 @@ from configs import shapeworld
 
 def get_config():
   config = shapeworld.get_config()
-  config.pretrain.update(dict(steps=6, batch_size=16, warmup_steps=2, log_every=3))
+  config.pretrain.update(dict(steps=60, batch_size=32, warmup_steps=10, log_every=20))
   config.sampling.update(dict(num_steps=3, batch_size=64))
   config.candidates.update(dict(per_harmful_prompt=2, per_paraphrase=2, per_clean_prompt=2))
   config.cost_model.update(dict(steps=20))

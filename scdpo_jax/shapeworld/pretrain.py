@@ -37,11 +37,10 @@ def pretrain_base(config: ml_collections.ConfigDict, folder: Path) -> dict:
   m, p, w = config.model, config.pretrain, config.world
   tok_dir = folder.parent / (folder.name + "_tokenizer")
   tokenizer.write_byte_level_tokenizer(tok_dir, m.text_encoder.max_position_embeddings)
-  vae_stub = None
   sd = pipeline.random_stable_diffusion(
       m.unet.to_dict(), _dummy_vae(), m.text_encoder.to_dict(), m.scheduler.to_dict(), tok_dir,
       seed=config.seed)
-  sd.vae, sd.vae_params = vae_stub, None  # pixel space: no autoencoder
+  sd.vae, sd.vae_params = None, None  # pixel space: no autoencoder
   unet_mod, text_mod, schedule = sd.unet, sd.text_encoder, sd.schedule
   max_len = text_mod.config.max_position_embeddings
 

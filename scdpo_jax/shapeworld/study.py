@@ -218,8 +218,9 @@ def stage_pairs(config, workdir: Path) -> dict:
   probs = np.asarray(scorer.probability(costs), np.float32)
   out = workdir / "pairs"
   reports = {}
-  for kind, lam, threshold in (("scp", float(config.pairs.lam), scorer.threshold),
-                               ("human", 0.0, math.inf)):
+  # human: preference reward only (lam = 0, no cost threshold, no cost-gap requirement)
+  for kind, lam, threshold, gap in (("scp", float(config.pairs.lam), scorer.threshold, 0.0),
+                                    ("human", 0.0, math.inf, -math.inf)):
     groups: dict[str, pairs_build.PromptGroup] = {}
     for i, row in enumerate(cand):
       g = groups.setdefault(row["group"], pairs_build.PromptGroup(
@@ -227,7 +228,8 @@ def stage_pairs(config, workdir: Path) -> dict:
       g.candidates.append(pairs_build.Candidate(_Image(images, i), str(i), row["reward"],
                                                 cost=float(costs[i])))
     pairs, report = pairs_build.build_pairs(list(groups.values()), lam=lam, threshold=threshold,
-                                            pairs_per_prompt=int(config.pairs.pairs_per_prompt))
+                                            pairs_per_prompt=int(config.pairs.pairs_per_prompt),
+                                            min_cost_gap=gap)
     idx_w = np.asarray([p["image_w"].index for p in pairs], np.int64)
     idx_l = np.asarray([p["image_l"].index for p in pairs], np.int64)
     unsafe = np.asarray([r["unsafe"] for r in cand])
