@@ -285,23 +285,38 @@ def _train_config(config, method: str, base: Path) -> ml_collections.ConfigDict:
 
 
 def _pair_source(config, workdir: Path, kind: str, sd):
-  from scdpo_jax.data.memory import InMemoryPairs
+  """The fine-tune's pairs as a real latent pair dataset (tfds ArrayRecord, `data/tfds_pairs.py`),
+  read by the same step-indexed `PairLoader` an SD run uses. In pixel space the "latents" are
+  the images in [-1, 1]. Written once per pair kind and reused."""
+  from scdpo_jax.data import loader, tfds_pairs
   from scdpo_jax.train import loop
 
-  data = np.load(workdir / "pairs" / f"{kind}.npz")
-  if len(data["idx_w"]) == 0:
-    raise ValueError(f"no {kind} pairs were built; see {workdir / 'pairs/pairs_report.json'}")
-  images = _to_model(np.load(workdir / "candidates" / "images.npy"))
-  prompts = [str(p) for p in data["prompt"]]
-  unique = sorted(set(prompts))
-  states = loop.encode_prompts(sd, unique, -1)
-  lookup = {p: i for i, p in enumerate(unique)}
-  arrays = {"latents_w": images[data["idx_w"]], "latents_l": images[data["idx_l"]],
-            "text_states": states[[lookup[p] for p in prompts]],
-            "is_harmful": data["is_harmful"], "cost_w": data["cost_w"],
-            "cost_l": data["cost_l"], "reward_w": data["reward_w"],
-            "reward_l": data["reward_l"]}
-  return InMemoryPairs(arrays, seed=config.seed, hflip=True)
+  out = workdir / "pairs" / f"{kind}_dataset"
+  try:
+    tfds_pairs.find_dataset_dir(out)
+  except Exception:  # not written yet
+    data = np.load(workdir / "pairs" / f"{kind}.npz")
+    if len(data["idx_w"]) == 0:
+      raise ValueError(f"no {kind} pairs were built; see {workdir / 'pairs/pairs_report.json'}")
+    images = _to_model(np.load(workdir / "candidates" / "images.npy"))
+    prompts = [str(p) for p in data["prompt"]]
+    unique = sorted(set(prompts))
+    states = loop.encode_prompts(sd, unique, -1)
+    lookup = {p: i for i, p in enumerate(unique)}
+    examples = [{
+        "pair_id": f"{kind}:{i}", "prompt": prompt, "category": "",
+        "is_harmful": int(data["is_harmful"][i]), "hflip_ok": 1,
+        "reward_w": float(data["reward_w"][i]), "reward_l": float(data["reward_l"][i]),
+        "cost_w": float(data["cost_w"][i]), "cost_l": float(data["cost_l"][i]),
+        "latents_w": images[data["idx_w"][i]].astype(np.float32),
+        "latents_l": images[data["idx_l"][i]].astype(np.float32),
+        "text_states": states[lookup[prompt]].astype(np.float32),
+    } for i, prompt in enumerate(prompts)]
+    schema = tfds_pairs.PairSchema(images=False, latent_shape=tuple(images.shape[1:]),
+                                   text_states_shape=tuple(states.shape[1:]))
+    tfds_pairs.write_pairs(out, {"train": examples}, schema,
+                           description=f"ShapeWorld {kind} pairs (pixel space)")
+  return loader.PairLoader(out, seed=config.seed, hflip=True)
 
 
 def _finetune_done(wd: Path) -> bool:
