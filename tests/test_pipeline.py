@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from scdpo_jax.models import io, pipeline, tokenizer, vae as vae_lib
-from tests.torch_refs import nchw_to_nhwc, nhwc_to_nchw, to_numpy
+from tests.torch_refs import nchw_to_nhwc, nhwc_to_nchw, tiny_torch_pipeline, to_numpy
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -24,28 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def torch_pipeline_folder(tmp_path_factory):
-  from configs.default import tiny_pipeline_config
-
-  tiny = tiny_pipeline_config()
-  torch.manual_seed(0)
-  unet = diffusers.UNet2DConditionModel(**tiny.unet.to_dict())
-  vae = diffusers.AutoencoderKL(**tiny.vae.to_dict())
-  text_cfg = transformers.CLIPTextConfig(**tiny.text_encoder.to_dict())
-  text = transformers.CLIPTextModel(text_cfg)
-  with torch.no_grad():
-    for m in (unet, vae, text):
-      for p in m.parameters():
-        p.add_(0.05 * torch.randn_like(p))
-  tok_dir = tokenizer.write_byte_level_tokenizer(tmp_path_factory.mktemp("tok"),
-                                                 tiny.text_encoder.max_position_embeddings)
-  tok = transformers.CLIPTokenizer.from_pretrained(str(tok_dir))
-  sched = diffusers.DDIMScheduler(**{k: v for k, v in tiny.scheduler.to_dict().items()
-                                     if not k.startswith("_")})
-  pipe = diffusers.StableDiffusionPipeline(
-      unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), tokenizer=tok, scheduler=sched,
-      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
   folder = tmp_path_factory.mktemp("sd") / "pipe"
-  pipe.save_pretrained(folder)
+  pipe = tiny_torch_pipeline(folder, tmp_path_factory.mktemp("tok"))
   return folder, pipe
 
 

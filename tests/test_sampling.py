@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from scdpo_jax import parallel
 from scdpo_jax.models import pipeline, schedule as sch, tokenizer
 from scdpo_jax.sampling import generate, guards, samplers
-from tests.torch_refs import nhwc_to_nchw
+from tests.torch_refs import nhwc_to_nchw, tiny_torch_pipeline
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -279,27 +279,8 @@ def test_noise_is_per_sample_and_independent_of_the_batch():
 @pytest.fixture(scope="module")
 def tiny_pipelines(tmp_path_factory):
   """A tiny random diffusers StableDiffusionPipeline, saved, and the same folder loaded by us."""
-  from configs.default import tiny_pipeline_config
-
-  tiny = tiny_pipeline_config()
-  torch.manual_seed(0)
-  unet = diffusers.UNet2DConditionModel(**tiny.unet.to_dict())
-  vae = diffusers.AutoencoderKL(**tiny.vae.to_dict())
-  text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**tiny.text_encoder.to_dict()))
-  with torch.no_grad():
-    for m in (unet, vae, text):
-      for p in m.parameters():
-        p.add_(0.05 * torch.randn_like(p))
-  tok_dir = tokenizer.write_byte_level_tokenizer(tmp_path_factory.mktemp("tok"),
-                                                 tiny.text_encoder.max_position_embeddings)
-  sched = diffusers.DDIMScheduler(**{k: v for k, v in tiny.scheduler.to_dict().items()
-                                     if not k.startswith("_")})
-  pipe = diffusers.StableDiffusionPipeline(
-      unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(),
-      tokenizer=transformers.CLIPTokenizer.from_pretrained(str(tok_dir)), scheduler=sched,
-      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
   folder = tmp_path_factory.mktemp("sd") / "pipe"
-  pipe.save_pretrained(folder)
+  pipe = tiny_torch_pipeline(folder, tmp_path_factory.mktemp("tok"))
   pipe.set_progress_bar_config(disable=True)
   return pipe, pipeline.load_stable_diffusion(folder), folder
 
