@@ -6,12 +6,23 @@ parameters), `fsdp` (data parallelism with parameters and optimizer state sharde
 (`scdpo_jax.models.layers.LogicalAxes`); `rules` (data in the config) map each logical name to
 mesh axes. A dimension that a mesh axis does not divide is left unsharded on that axis rather than
 failing, so tiny test models shard on any mesh.
+
+Activations: models call `layers.constrain(x, logical_axes)` at block borders. Those calls become
+real `with_sharding_constraint`s only while a function wrapped by `with_logical_rules(fn, mesh,
+rules)` is being traced; everywhere else (eager calls, tests without a mesh) they are no-ops. The
+batch axis of every input batch comes from the rules' `batch` entry (`batch_axes`).
+
+May import: jax, flax, numpy. Nothing else of scdpo_jax imports from here but models/layers.py
+(for `constrain_activation`), train/, sampling/, data/, evaluation/ and cost_model/.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from typing import Any, Sequence
+import threading
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -20,7 +31,6 @@ from flax.core import meta
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 # logical name -> mesh axis (or tuple of axes, or None). Kept as data: configs override them.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -83,16 +93,28 @@ def mesh_from_config(mesh_config) -> Mesh:
   return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor)
 
 
-def batch_divisor(mesh: Mesh) -> int:
+def batch_axes(rules=DEFAULT_RULES) -> tuple[str, ...]:
+  """The mesh axes of the logical `batch` axis under `rules` (the batch sharding of every input)."""
+  for name, axes in rules:
+    if name == "batch":
+      if axes is None:
+        return ()
+      return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+  raise ValueError("sharding rules have no 'batch' entry; add e.g. ('batch', ('data', 'fsdp'))")
+
+
+def batch_divisor(mesh: Mesh, rules=DEFAULT_RULES) -> int:
   """How many ways a global batch is split: the product of the batch mesh axes."""
-  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+  return math.prod(mesh.shape[a] for a in batch_axes(rules))
 
 
-def check_batch_fits(global_batch: int, mesh: Mesh, what: str = "batch") -> None:
-  d = batch_divisor(mesh)
+def check_batch_fits(global_batch: int, mesh: Mesh, what: str = "batch",
+                     rules=DEFAULT_RULES) -> None:
+  d = batch_divisor(mesh, rules)
+  axes = " x ".join(batch_axes(rules)) or "(none)"
   if global_batch % d:
     raise ValueError(f"{what} of {global_batch} does not divide over the mesh's batch axes "
-                     f"data x fsdp = {d} (mesh {dict(mesh.shape)}); use a multiple of {d}")
+                     f"{axes} = {d} (mesh {dict(mesh.shape)}); use a multiple of {d}")
   if global_batch % jax.process_count():
     raise ValueError(f"{what} of {global_batch} does not divide over {jax.process_count()} "
                      "processes")
@@ -137,16 +159,84 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-  """Shard the leading (batch) axis over the data and fsdp axes."""
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 1, rules=DEFAULT_RULES) -> NamedSharding:
+  """Shard the leading (batch) axis over the mesh axes of the rules' `batch` entry."""
+  axes = batch_axes(rules)
+  lead = None if not axes else (axes if len(axes) > 1 else axes[0])
+  return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
 
 
-def global_batch_from_local(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch_from_local(local: dict[str, np.ndarray], mesh: Mesh,
+                            rules=DEFAULT_RULES) -> dict[str, jax.Array]:
   """Assemble each process's slice of the batch into global arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)),
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v), rules),
                                                     np.asarray(v))
           for k, v in local.items()}
+
+
+# ------------------------------------------------------------------------------ activations
+
+_ACTIVE = threading.local()  # (mesh, rules) while a with_logical_rules function is traced
+
+
+@contextlib.contextmanager
+def logical_rules(mesh: Mesh, rules):
+  """Make `constrain_activation` map logical names to `mesh` under `rules` in this block."""
+  previous = getattr(_ACTIVE, "value", None)
+  _ACTIVE.value = (mesh, tuple(rules))
+  try:
+    with nn.logical_axis_rules(rules):
+      yield
+  finally:
+    _ACTIVE.value = previous
+
+
+def with_logical_rules(fn: Callable, mesh: Mesh, rules) -> Callable:
+  """`fn` traced with the logical axis rules and mesh active (wrap before `jax.jit`)."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with logical_rules(mesh, rules):
+      return fn(*args, **kwargs)
+
+  return wrapped
+
+
+def activation_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh,
+                    rules) -> P:
+  """The PartitionSpec `rules` give an activation with these logical axes (fitted to `shape`)."""
+  mesh_spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+  return _fit_spec(tuple(mesh_spec), shape, mesh)
+
+
+def constrain_activation(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint from logical names; a no-op outside `logical_rules` or on 1 device."""
+  active = getattr(_ACTIVE, "value", None)
+  if active is None:
+    return x
+  mesh, rules = active
+  if mesh.size == 1:
+    return x
+  if len(logical_axes) != x.ndim:
+    raise ValueError(f"constrain: {len(logical_axes)} logical axes {tuple(logical_axes)} for an "
+                     f"array of shape {x.shape}")
+  spec = activation_spec(x.shape, logical_axes, mesh, rules)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def unsharded_params(boxed_tree: Any, mesh: Mesh, rules, min_size: int = 2 ** 16) -> list[str]:
+  """Paths of parameters with >= min_size elements that `rules` leave fully replicated on a
+  non-trivial mesh (the trainer logs them once: a rule may be missing)."""
+  if mesh.size == 1:
+    return []
+  shardings = logical_shardings(boxed_tree, mesh, rules)
+  shapes = meta.unbox(boxed_tree)
+  out = []
+  for (path, sharding), leaf in zip(jax.tree_util.tree_leaves_with_path(shardings),
+                                    jax.tree.leaves(shapes)):
+    if math.prod(np.shape(leaf)) >= min_size and all(a is None for a in sharding.spec):
+      out.append(jax.tree_util.keystr(path, simple=True, separator="/"))
+  return out
 
 
 def process_slice(global_batch: int) -> slice:

@@ -11,8 +11,8 @@ Conventions used by every model in `scdpo_jax.models`:
 * `dtype` is the compute dtype and `param_dtype` the storage dtype of parameters (fp32 master
   weights with bf16 compute is `param_dtype=float32, dtype=bfloat16`).
 * Every parameter carries logical axis names (see `LogicalAxes`); activations at block borders
-  are constrained with logical names too. Outside a mesh with rules these are no-ops; the
-  trainer maps them to mesh axes with rules kept in the config.
+  are constrained with logical names too (`constrain`). They map to mesh axes only while a
+  program is traced under `parallel.with_logical_rules` with the rules kept in the config.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+
+from scdpo_jax import parallel
 
 Dtype = Any
 
@@ -52,8 +54,13 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
 
 
 def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
-  """Logical sharding constraint; a no-op unless logical axis rules and a mesh are active."""
-  return nn.with_logical_constraint(x, tuple(axes))
+  """Logical sharding constraint on an activation.
+
+  A real `with_sharding_constraint` while the surrounding function is traced under
+  `parallel.with_logical_rules(fn, mesh, rules)` (train step, sampler, embedders, latent cache);
+  a no-op otherwise (eager calls, one device).
+  """
+  return parallel.constrain_activation(x, tuple(axes))
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:
