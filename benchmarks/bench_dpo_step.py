@@ -4,7 +4,7 @@
   python benchmarks/bench_dpo_step.py torch --pairs 8 --compile 1
   bash benchmarks/run_gpu.sh            # everything below in one go, then a table
 
-"ours" times the real trainer step (`scdpo_jax.train.loop.TrainSetup`: the jitted, state-donating
+"ours" times the real trainer step (`scdpo_jax.train.state` + `train.step`: the jitted, state-donating
 step with shared t/noise, fp32 master weights with bf16 compute, frozen bf16 reference UNet,
 AdamW, grad clipping, focusing and cost margin) on random SD1.5 weights and random 64x64x4
 latents / 77x768 text states. "torch" runs `peer_torch_dpo_step.py` (our copy of the peer step).
@@ -45,15 +45,13 @@ def _log(msg: str, t0=[time.time()]) -> None:
 def bench_ours(args) -> dict:
   sys.path.insert(0, str(ROOT))
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  from flax.core import meta
 
   from configs import default
   from scdpo_jax import parallel
   from scdpo_jax.data.batch import PAIR_KEYS
   from scdpo_jax.models import pipeline, schedule, unet as unet_lib
-  from scdpo_jax.train import loop
+  from scdpo_jax.train import optim, state as state_lib, step as step_lib
 
   config = default.get_config()
   config.model.dtype = args.dtype
@@ -77,16 +75,16 @@ def bench_ours(args) -> dict:
       beta_schedule="scaled_linear", prediction_type="epsilon"))
   mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   t_setup = time.time()
-  setup = loop.TrainSetup(config, mesh, sd)
-  _log("setup built; random params")
-  params = loop.host_to_global(
-      common.random_params(meta.unbox(unet_lib.unet_param_shapes(setup.policy))),
-      setup.param_shardings)
-  jax.block_until_ready(params)
+  policy, reference = state_lib.make_unets(config.model, sd.unet.config)
+  optimizer = optim.make_optimizer(config.optimizer, config.train.num_steps,
+                                   config.train.pairs_per_step)
+  spec = state_lib.train_state_spec(config, mesh, policy, reference, optimizer)
+  _log("state spec built; random params")
+  params = common.random_params(spec.abstract_state.params)
+  ref_params = state_lib.reference_params(spec, params)
+  state = state_lib.init_train_state(spec, optimizer, params, config)
+  jax.block_until_ready(state)
   _log("params on device")
-  ref_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p),
-                       out_shardings=setup.ref_shardings)(params)
-  state = setup.init_fn(params)
   del params
   rng = np.random.default_rng(0)
   n = args.pairs
@@ -101,18 +99,23 @@ def bench_ours(args) -> dict:
   }
   empty = rng.standard_normal((1, 77, d), np.float32)
   _log("compiling the train step")
-  compile_s = setup.compile_step({k: batch_np[k] for k in PAIR_KEYS}, empty)
+  train_step = step_lib.make_train_step(
+      apply_fn=policy.apply, ref_apply_fn=reference.apply, optimizer=optimizer,
+      schedule=sd.schedule, cfg=state_lib.step_config(config.train))
+  program = state_lib.compile_train_step(mesh, spec, train_step,
+                                         {k: batch_np[k] for k in PAIR_KEYS}, empty)
+  compile_s = program.compile_s
   _log(f"compiled in {compile_s:.1f}s")
   batch = parallel.global_batch_from_local(batch_np, mesh)
   empty = jax.device_put(empty, parallel.replicated(mesh))
   for _ in range(3):
-    state, metrics = setup.step_fn(state, ref_params, batch, empty)
+    state, metrics = program.fn(state, ref_params, batch, empty)
   jax.block_until_ready(state)
   _log("warm-up done")
   times = []
   for _ in range(args.steps):
     t0 = time.perf_counter()
-    state, metrics = setup.step_fn(state, ref_params, batch, empty)
+    state, metrics = program.fn(state, ref_params, batch, empty)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t0)
   dt = float(np.median(times))
@@ -125,7 +128,7 @@ def bench_ours(args) -> dict:
       step_s=round(dt, 4), pairs_per_s=round(n / dt, 2), compile_s=round(compile_s, 1),
       setup_s=round(time.time() - t_setup, 1),
       TFLOPs=round(flops / dt / 1e12, 1), mfu=round(flops / dt / peak, 3) if peak else None,
-      xla_flops_T=round(setup.flops_per_device / 1e12, 2) if setup.flops_per_device else None,
+      xla_flops_T=round(program.flops_per_device / 1e12, 2) if program.flops_per_device else None,
       peak_GiB=round(stats.get("peak_bytes_in_use", 0) / 2**30, 1),
       loss=float(metrics["objective"]), finite=bool(metrics["finite"]), gpu=kind)
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from scdpo_jax.models import io
-from scdpo_jax.train import loop
-from scdpo_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from scdpo_jax.train import loop, optim, state as state_lib
+from scdpo_jax.train.checkpoint import Checkpointer
 from tests.train_utils import ROOT, build_tiny_base, tiny_train_config
 
 
@@ -226,10 +226,12 @@ def test_checkpoint_from_8_devices_restores_on_1(sharded_runs):
   mesh = parallel.mesh_from_config(config.mesh)
   sd = pipeline.load_stable_diffusion(BASE,
                                       ("unet", "text_encoder", "tokenizer", "scheduler"))
-  setup = loop.TrainSetup(config, mesh, sd)
+  policy, reference = state_lib.make_unets(config.model, sd.unet.config)
+  optimizer = optim.make_optimizer(config.optimizer, config.train.num_steps,
+                                   config.train.pairs_per_step)
+  spec = state_lib.train_state_spec(config, mesh, policy, reference, optimizer)
   ckpt = Checkpointer(tmp / "mesh222" / "checkpoints")
-  state, meta = ckpt.restore(ckpt.latest_step(), abstract_with_shardings(
-      setup.abstract_state, setup.state_shardings))
+  state, meta = ckpt.restore(ckpt.latest_step(), spec.abstract_state_with_shardings())
   assert meta["step"] == 3 and len(jax.devices()) == 1
   saved = np.load(tmp / "mesh222_params.npz")
   from flax import traverse_util

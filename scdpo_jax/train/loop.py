@@ -13,22 +13,19 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from flax.core import meta
 
 from scdpo_jax import parallel
 from scdpo_jax.data.batch import PAIR_KEYS
 from scdpo_jax.models import pipeline, tokenizer, unet as unet_lib
-from scdpo_jax.train import optim
-from scdpo_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from scdpo_jax.train import optim, state as state_lib
+from scdpo_jax.train.checkpoint import Checkpointer
 from scdpo_jax.train.metrics_writer import MetricsWriter
-from scdpo_jax.train.step import StepConfig, TrainState, make_train_step
+from scdpo_jax.train.step import make_train_step
 
 # Dense bf16 peak per device, for MFU (FLOP/s). Override with config.log.peak_flops_per_device.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "V100": 125e12,
@@ -40,26 +37,17 @@ DATA_SOURCES = ("memory_random", "tfds")
 
 # ------------------------------------------------------------------------------ config checks
 
-def step_config(config: ml_collections.ConfigDict) -> StepConfig:
-  t = config.train
-  return StepConfig(
-      loss_type=t.loss_type, beta=float(t.beta), safety_mode=t.safety_mode, gamma=float(t.gamma),
-      gamma_start=float(t.gamma_start), gamma_ramp_steps=int(t.gamma_ramp_steps),
-      focus_normalize=bool(t.focus_normalize), cost_budget=float(t.cost_budget),
-      dual_lr=float(t.dual_lr), lam_max=float(t.lam_max),
-      caption_dropout=float(t.caption_dropout), grad_accum=int(t.grad_accum))
-
-
 def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Everything that can be checked before loading weights or compiling."""
   t = config.train
-  step_config(config).validate()
+  state_lib.step_config(t).validate()
   if t.pairs_per_step % t.grad_accum:
     raise ValueError(f"train.pairs_per_step={t.pairs_per_step} is not a multiple of "
                      f"train.grad_accum={t.grad_accum}")
   parallel.check_batch_fits(t.pairs_per_step // t.grad_accum, mesh,
                             what=f"micro-batch (pairs_per_step / grad_accum = "
-                                 f"{t.pairs_per_step}/{t.grad_accum})")
+                                 f"{t.pairs_per_step}/{t.grad_accum})",
+                            rules=parallel.rules_from_config(config.sharding_rules))
   if config.data.source not in DATA_SOURCES:
     raise ValueError(f"data.source={config.data.source!r}; supported: {DATA_SOURCES}")
   if not config.model.pretrained and config.model.get("tiny") is None:
@@ -145,92 +133,6 @@ def make_pair_source(config: ml_collections.ConfigDict, sd: pipeline.StableDiffu
   return tfds_loader.open_pair_source(config.data)
 
 
-# ------------------------------------------------------------------------------ state
-
-def host_to_global(tree: Any, shardings: Any) -> Any:
-  """Place host NumPy arrays (identical on every process) as global arrays with `shardings`."""
-  def put(x, sharding):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-  return jax.tree.map(put, tree, shardings)
-
-
-class TrainSetup:
-  """Everything the loop needs: modules, shardings, jitted init and step."""
-
-  def __init__(self, config: ml_collections.ConfigDict, mesh, sd: pipeline.StableDiffusion):
-    self.config = config
-    self.mesh = mesh
-    mc, t = config.model, config.train
-    self.rules = parallel.rules_from_config(config.sharding_rules)
-    compute = jnp.dtype(mc.dtype)
-    self.policy = unet_lib.UNet2DConditionModel(
-        sd.unet.config, dtype=compute, param_dtype=jnp.float32, attention_impl=mc.attention_impl,
-        remat_policy=mc.remat_policy)
-    self.reference = unet_lib.UNet2DConditionModel(
-        sd.unet.config, dtype=compute, param_dtype=jnp.dtype(mc.ref_param_dtype),
-        attention_impl=mc.attention_impl)
-    self.optimizer = optim.make_optimizer(config.optimizer, t.num_steps, t.pairs_per_step)
-    self.step_cfg = step_config(config)
-
-    boxed_params = unet_lib.unet_param_shapes(self.policy)
-    self.param_shardings = parallel.logical_shardings(boxed_params, mesh, self.rules)
-    ref_boxed = unet_lib.unet_param_shapes(self.reference)
-    self.ref_shardings = parallel.logical_shardings(ref_boxed, mesh, self.rules)
-    boxed_state = jax.eval_shape(self._new_state, boxed_params)
-    self.state_shardings = parallel.logical_shardings(boxed_state, mesh, self.rules)
-    self.abstract_state = meta.unbox(boxed_state)
-
-    self.init_fn = jax.jit(self._new_state, in_shardings=(self.param_shardings,),
-                           out_shardings=self.state_shardings)
-    step = make_train_step(apply_fn=self.policy.apply, ref_apply_fn=self.reference.apply,
-                           optimizer=self.optimizer, schedule=sd.schedule, cfg=self.step_cfg)
-    self.batch_shardings = None
-    self._step = step
-    self.step_fn = None
-
-  def _new_state(self, params) -> TrainState:
-    t = self.config.train
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.optimizer.init(params),
-                      lam=jnp.asarray(t.lam, jnp.float32), skipped=jnp.zeros((), jnp.int32),
-                      rng=jax.random.PRNGKey(self.config.seed))
-
-  def compile_step(self, example_batch: dict, empty_states: np.ndarray):
-    """Jit (and AOT-compile) the step for this batch structure; returns compile seconds."""
-    self.batch_shardings = {k: parallel.batch_sharding(self.mesh, np.ndim(v))
-                            for k, v in example_batch.items()}
-    repl = parallel.replicated(self.mesh)
-    jitted = jax.jit(self._step,
-                     in_shardings=(self.state_shardings, self.ref_shardings, self.batch_shardings,
-                                   repl),
-                     out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
-    t0 = time.time()
-    global_shapes = {k: jax.ShapeDtypeStruct(
-        (v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype,
-        sharding=self.batch_shardings[k]) for k, v in example_batch.items()}
-    lowered = jitted.lower(
-        abstract_with_shardings(self.abstract_state, self.state_shardings),
-        jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                     meta.unbox(unet_lib.unet_param_shapes(self.reference)), self.ref_shardings),
-        global_shapes, jax.ShapeDtypeStruct(empty_states.shape, empty_states.dtype,
-                                            sharding=repl))
-    self.step_fn = lowered.compile()
-    compile_s = time.time() - t0
-    self.flops_per_device = _flops(self.step_fn)
-    return compile_s
-
-
-def _flops(compiled) -> float | None:
-  try:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-      cost = cost[0]
-    return float(cost.get("flops", 0.0)) or None
-  except Exception:  # not every backend reports costs
-    return None
-
-
 def peak_flops(config) -> float | None:
   if config.log.peak_flops_per_device:
     return float(config.log.peak_flops_per_device)
@@ -283,26 +185,29 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
   source = pair_source if pair_source is not None else make_pair_source(config, sd)
   empty_states = encode_prompts(sd, [""], config.model.text_layer)
 
-  setup = TrainSetup(config, mesh, sd)
+  policy, reference = state_lib.make_unets(config.model, sd.unet.config)
+  optimizer = optim.make_optimizer(config.optimizer, t.num_steps, t.pairs_per_step)
+  spec = state_lib.train_state_spec(config, mesh, policy, reference, optimizer)
   ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                       async_save=config.checkpoint.async_save)
   latest = ckpt.latest_step()
   if latest is not None:
-    state, ckpt_meta = ckpt.restore(latest, abstract_with_shardings(setup.abstract_state,
-                                                                    setup.state_shardings))
+    state, ckpt_meta = ckpt.restore(latest, spec.abstract_state_with_shardings())
     logging.info("resumed from step %d (data position %d pairs)", latest,
                  ckpt_meta["data_position"])
   else:
-    params = host_to_global(sd.unet_params, setup.param_shardings)
-    state = setup.init_fn(params)
-  ref_params = host_to_global(
-      jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(config.model.ref_param_dtype)),
-                   sd.unet_params), setup.ref_shardings)
+    state = state_lib.init_train_state(spec, optimizer, sd.unet_params, config)
+  ref_params = state_lib.reference_params(spec, sd.unet_params)
   del sd.unet_params
 
   start = int(state.step)
   example = source.batch(start, t.pairs_per_step)
-  compile_s = setup.compile_step({k: example[k] for k in PAIR_KEYS}, empty_states)
+  train_step = make_train_step(apply_fn=policy.apply, ref_apply_fn=reference.apply,
+                               optimizer=optimizer, schedule=sd.schedule,
+                               cfg=state_lib.step_config(t))
+  step_program = state_lib.compile_train_step(mesh, spec, train_step,
+                                              {k: example[k] for k in PAIR_KEYS}, empty_states)
+  compile_s = step_program.compile_s
   logging.info("train step compiled in %.1fs", compile_s)
   empty = jax.device_put(empty_states, parallel.replicated(mesh))
   peak = peak_flops(config)
@@ -316,8 +221,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
     step = start
     while step < t.num_steps:
       local = source.batch(step, t.pairs_per_step)
-      batch = parallel.global_batch_from_local({k: local[k] for k in PAIR_KEYS}, mesh)
-      state, metrics = setup.step_fn(state, ref_params, batch, empty)
+      batch = parallel.global_batch_from_local({k: local[k] for k in PAIR_KEYS}, mesh, spec.rules)
+      state, metrics = step_program.fn(state, ref_params, batch, empty)
       step += 1
       window_steps += 1
       losses.append(metrics["objective"])
@@ -329,8 +234,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
         metrics["step_time_s"] = 1.0 / max(steps_per_s, 1e-9)
         metrics["learning_rate"] = float(optim.learning_rate_schedule(
             config.optimizer, t.num_steps, t.pairs_per_step)(step - 1))
-        metrics["mfu"] = (setup.flops_per_device * steps_per_s / peak
-                          if peak and setup.flops_per_device else None)
+        flops = step_program.flops_per_device
+        metrics["mfu"] = flops * steps_per_s / peak if peak and flops else None
         writer.write(step, metrics)
         writer.progress(step, metrics, steps_per_s)
         last_metrics = metrics
@@ -356,6 +261,6 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
     from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(state.params, tiled=True)  # collective
     if jax.process_index() == 0:
-      unet_lib.save_unet(workdir / "export" / "unet", setup.policy.config, params)
+      unet_lib.save_unet(workdir / "export" / "unet", policy.config, params)
       logging.info("exported the trained UNet in diffusers format to %s", workdir / "export/unet")
   return result

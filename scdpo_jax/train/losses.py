@@ -1,5 +1,10 @@
 """SC-DPO losses as pure, jit-compatible functions (all math in float32).
 
+Optax style: every function takes per-pair arrays of shape (B,) and returns per-pair values
+(unreduced), except the few reductions at the end of the file (`weighted_sums` and the
+`*_loss` conveniences, defined from the per-pair functions). The train step (`train/step.py`)
+calls exactly these functions; the tests check them against NumPy.
+
 Conventions (those of the public Diffusion-DPO code, Wallace et al. 2024):
 
 * `m_w, m_l`: per-pair mean squared error of the **policy** UNet's prediction against its target
@@ -84,42 +89,94 @@ def focusing_weights(z: jax.Array, gamma: jax.Array | float) -> jax.Array:
   return jax.lax.stop_gradient(jnp.where(gamma == 0, jnp.ones_like(w), w))
 
 
-def weighted_dpo_terms(z: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(sum_i w_i * -log sigmoid(z_i), sum_i w_i): the two sums a normalised loss divides.
+def dpo_nll(z: jax.Array) -> jax.Array:
+  """Per-pair Diffusion-DPO loss -log sigmoid(z).
+
+  Args:
+    z: (B,) DPO logits (`dpo_logit`, plus `cost_margin` for the margin/dual forms).
+  Returns:
+    (B,) float32 negative log-likelihoods of the preferred ordering.
+  """
+  _check_float("z", z, ndim=1)
+  return -jax.nn.log_sigmoid(z.astype(jnp.float32))
+
+
+def sft_nll(model_w: jax.Array) -> jax.Array:
+  """Per-pair SFT loss of the Diffusion-DPO code: the winner's denoising MSE m_w.
+
+  Args:
+    model_w: (B,) policy MSEs on the winners.
+  Returns:
+    (B,) float32 m_w (the loser is ignored).
+  """
+  _check_float("model_w", model_w, ndim=1)
+  return model_w.astype(jnp.float32)
+
+
+def implicit_correct(z: jax.Array) -> jax.Array:
+  """Per pair 1.0 where the implicit preference is right (z > 0), else 0.0."""
+  _check_float("z", z, ndim=1)
+  return (z > 0).astype(jnp.float32)
+
+
+def policy_cost(z: jax.Array, cost_w: jax.Array, cost_l: jax.Array) -> jax.Array:
+  """Per-pair expected cost of the policy's choice: sigmoid(z) C_w + (1 - sigmoid(z)) C_l.
+
+  Under the implicit Bradley-Terry model the policy ranks the winner first with probability
+  sigmoid(z) ([I], the C-DPO-style constraint estimate that variant C drives towards the budget).
+  No gradient flows through it.
+  """
+  _check_float("z", z, ndim=1)
+  p = jax.nn.sigmoid(jax.lax.stop_gradient(z.astype(jnp.float32)))
+  return p * cost_w + (1.0 - p) * cost_l
+
+
+# ------------------------------------------------------------------------------ reductions
+
+def weighted_sums(per_pair_loss: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(sum_i w_i * l_i, sum_i w_i): the two sums a normalised loss divides.
 
   Keeping them separate makes the batch normalisation exact under gradient accumulation: the
   trainer adds both over micro-batches and divides once.
   """
-  _check_float("z", z, ndim=1)
+  _check_float("per_pair_loss", per_pair_loss, ndim=1)
   _check_float("weights", weights, ndim=1)
-  _check_same_shape(z=z, weights=weights)
-  nll = -jax.nn.log_sigmoid(z.astype(jnp.float32))
-  return jnp.sum(weights * nll), jnp.sum(weights)
+  _check_same_shape(per_pair_loss=per_pair_loss, weights=weights)
+  return jnp.sum(weights * per_pair_loss), jnp.sum(weights)
+
+
+def weighted_dpo_terms(z: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(sum_i w_i * -log sigmoid(z_i), sum_i w_i) = `weighted_sums(dpo_nll(z), weights)`."""
+  return weighted_sums(dpo_nll(z), weights)
 
 
 def diffusion_dpo_loss(z: jax.Array) -> jax.Array:
-  """Diffusion-DPO (sigmoid): -mean(log sigmoid(z))."""
-  _check_float("z", z, ndim=1)
-  return -jnp.mean(jax.nn.log_sigmoid(z.astype(jnp.float32)))
+  """Diffusion-DPO (sigmoid): mean(dpo_nll(z)) = -mean(log sigmoid(z))."""
+  return jnp.mean(dpo_nll(z))
 
 
 def focused_dpo_loss(z: jax.Array, gamma: jax.Array | float, normalize: bool = True) -> jax.Array:
   """DPO with the Dynamic Focusing Mechanism; normalize=True divides by sum(w), else by B."""
-  w = focusing_weights(z, gamma)
-  total, wsum = weighted_dpo_terms(z, w)
+  total, wsum = weighted_dpo_terms(z, focusing_weights(z, gamma))
   return total / (wsum if normalize else z.shape[0])
 
 
 def sft_loss(model_w: jax.Array) -> jax.Array:
-  """The SFT baseline of the Diffusion-DPO code: plain denoising MSE on the winners only."""
-  _check_float("model_w", model_w, ndim=1)
-  return jnp.mean(model_w.astype(jnp.float32))
+  """The SFT baseline of the Diffusion-DPO code: mean(sft_nll(m_w))."""
+  return jnp.mean(sft_nll(model_w))
 
 
 def implicit_accuracy(z: jax.Array) -> jax.Array:
-  """Fraction of pairs whose implicit preference is right (z > 0)."""
-  return jnp.mean((z > 0).astype(jnp.float32))
+  """Fraction of pairs whose implicit preference is right: mean(implicit_correct(z))."""
+  return jnp.mean(implicit_correct(z))
 
+
+def policy_cost_estimate(z: jax.Array, cost_w: jax.Array, cost_l: jax.Array) -> jax.Array:
+  """Batch mean of `policy_cost`: the constraint estimate of variant C."""
+  return jnp.mean(policy_cost(z, cost_w, cost_l))
+
+
+# ------------------------------------------------------------------------------ safety forms
 
 def combined_score(reward: jax.Array, cost: jax.Array, lam: float) -> jax.Array:
   """Variant A's score s = r - lambda * C (used when pairs are built: higher s wins)."""
@@ -132,17 +189,6 @@ def combined_score(reward: jax.Array, cost: jax.Array, lam: float) -> jax.Array:
 def relabel_by_combined_score(reward_w, reward_l, cost_w, cost_l, lam: float) -> jax.Array:
   """Variant A: True where the pair must be swapped because s(loser) > s(winner)."""
   return combined_score(reward_l, cost_l, lam) > combined_score(reward_w, cost_w, lam)
-
-
-def policy_cost_estimate(z: jax.Array, cost_w: jax.Array, cost_l: jax.Array) -> jax.Array:
-  """Expected cost of the policy's choice within each pair, averaged over the batch.
-
-  Under the implicit Bradley-Terry model the policy ranks the winner first with probability
-  sigmoid(z), so its expected cost is sigmoid(z) C_w + (1 - sigmoid(z)) C_l ([I], the C-DPO-style
-  constraint estimate that variant C drives towards the budget).
-  """
-  p = jax.nn.sigmoid(jax.lax.stop_gradient(z.astype(jnp.float32)))
-  return jnp.mean(p * cost_w + (1.0 - p) * cost_l)
 
 
 def dual_ascent_update(lam: jax.Array, cost_estimate: jax.Array, budget: float, lr: float,

@@ -10,8 +10,9 @@ One step consumes the global batch of `pairs_per_step` pairs as `grad_accum` mic
 3. the policy UNet (fp32 master weights, compute in `model.dtype`) and the frozen reference UNet
    (its own params, passed in as an argument, never closed over, no gradient) predict on
    [x_t^w ; x_t^l] in one call each;
-4. per-pair MSEs -> DPO logit (+ cost margin for variants B/C) -> focusing weights -> weighted
-   sums (see `losses.py`); the normalisation by sum(w) is exact across micro-batches.
+4. per-pair MSEs -> DPO logit (+ cost margin for variants B/C) -> per-pair loss and focusing
+   weights -> weighted sums, all by the functions of `losses.py` (the ones the tests check); the
+   normalisation by sum(w) is exact across micro-batches.
 
 A step whose loss or gradients are not finite leaves params and optimizer state unchanged and
 increments `state.skipped`. Randomness is `fold_in(rng, step)`, so a resumed run draws the same
@@ -134,20 +135,18 @@ def micro_batch_terms(params, ref_params, batch, lam, gamma, *, apply_fn, ref_ap
   if cfg.safety_mode in ("margin", "dual"):
     z = z + L.cost_margin(cost_w, cost_l, lam)
   if cfg.loss_type == "sft":
-    weights = jnp.ones_like(z)
-    total, wsum = jnp.sum(m_w), jnp.asarray(b, jnp.float32)
+    per_pair_loss, weights = L.sft_nll(m_w), jnp.ones_like(z)
   else:
-    weights = L.focusing_weights(z, gamma)
-    total, wsum = L.weighted_dpo_terms(z, weights)
-    if not cfg.focus_normalize:
-      wsum = jnp.asarray(b, jnp.float32)
-  p = jax.nn.sigmoid(jax.lax.stop_gradient(z))
+    per_pair_loss, weights = L.dpo_nll(z), L.focusing_weights(z, gamma)
+  total, wsum = L.weighted_sums(per_pair_loss, weights)
+  if cfg.loss_type == "sft" or not cfg.focus_normalize:
+    wsum = jnp.asarray(b, jnp.float32)
   per_pair = {
-      "loss": -jax.nn.log_sigmoid(jax.lax.stop_gradient(z)),
-      "implicit_acc": (z > 0).astype(jnp.float32),
+      "loss": jax.lax.stop_gradient(per_pair_loss),
+      "implicit_acc": L.implicit_correct(z),
       "model_mse_w": m_w, "model_mse_l": m_l, "ref_mse_w": r_w, "ref_mse_l": r_l,
       "focus_weight": weights, "logit": jax.lax.stop_gradient(z),
-      "policy_cost": p * cost_w + (1 - p) * cost_l,
+      "policy_cost": L.policy_cost(z, cost_w, cost_l),
   }
   return total, (wsum, per_pair)
 
