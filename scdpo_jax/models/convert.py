@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable, Mapping
 
+import jax
 import numpy as np
 import flax
 from flax.core import meta
@@ -136,3 +137,28 @@ def flax_to_torch(params: Any, *, prefix: str = "", dtype: Any = None) -> dict[s
     key = prefix + flax_path_to_torch_key(path, arr.ndim)
     out[key] = np.ascontiguousarray(torch_layout(path[-1], arr))
   return out
+
+
+def host_params(params: Any) -> Any:
+  """A `params` tree as host NumPy arrays: logical boxes removed, a `{"params": ...}` wrapper
+  dropped, device arrays fetched. What the savers accept."""
+  params = meta.unbox(params)
+  if isinstance(params, Mapping) and set(params) == {"params"}:
+    params = params["params"]
+  return jax.tree.map(np.asarray, jax.device_get(params))
+
+
+def check_params(params: Any, target: Any, context: str) -> None:
+  """Raise `CheckpointMismatchError` (message starting with `context`) naming the first
+  missing, unexpected or mis-shaped entries if `params` is not shaped like `target` (an
+  `abstract_params` tree, boxed or not)."""
+  want = {p: tuple(s.shape) for p, s in
+          flax.traverse_util.flatten_dict(meta.unbox(target)).items()}
+  got = {p: tuple(np.shape(v)) for p, v in
+         flax.traverse_util.flatten_dict(meta.unbox(dict(params))).items()}
+  if want != got:
+    bad = sorted("/".join(p) for p in set(want) ^ set(got))
+    bad += sorted(f"{'/'.join(p)}: params {got[p]} vs config {want[p]}"
+                  for p in set(want) & set(got) if want[p] != got[p])
+    raise CheckpointMismatchError(
+        f"{context}: params do not match the config: {', '.join(bad[:_SHOW])}")

@@ -8,8 +8,20 @@ Conventions used by every model in `scdpo_jax.models`:
 * Module names mirror the diffusers / transformers state-dict keys, with list indices written as
   a `_N` suffix (`down_blocks.0.resnets.1.conv1` <-> `down_blocks_0/resnets_1/conv1`), so that
   the weight conversion is one generic rule set instead of a hand-written table per model.
-* `dtype` is the compute dtype and `param_dtype` the storage dtype of parameters (fp32 master
-  weights with bf16 compute is `param_dtype=float32, dtype=bfloat16`).
+* Dtypes, one convention for every module, loader and saver: `dtype` is the compute dtype
+  (activations and matmul inputs), `param_dtype` the storage dtype of parameters; fp32 master
+  weights with bf16 compute is `param_dtype=float32, dtype=bfloat16`. Every model module derives
+  from `Module`, which holds the two as keyword-only fields (default float32) and hands them to
+  its submodules and layers as `**self.dt`. Every loader (`load_unet`, `load_vae`,
+  `load_clip_text` / `load_clip_vision`, `load_stable_diffusion`) takes both as keyword
+  arguments; a saver's `param_dtype` is the dtype written to disk (default: keep).
+* Parameters are the plain (unboxed) `params` collection, applied as
+  `module.apply({"params": params}, ...)`. Every loader returns `(module, params)` with `params`
+  as host NumPy arrays in `param_dtype` (place or shard them with `jax.device_put`); savers
+  accept boxed or unboxed, host or device trees. `abstract_params(module)` is the one way to get
+  the parameter tree without weights (shapes, dtypes and logical axis names, for shardings and
+  as the loaders' target), `init_params(module, rng)` the one random init; both feed the
+  top-level module's `dummy_inputs()` to `module.init`.
 * Every parameter carries logical axis names (see `LogicalAxes`); activations at block borders
   are constrained with logical names too (`constrain`). They map to mesh axes only while a
   program is traced under `parallel.with_logical_rules` with the rules kept in the config.
@@ -17,11 +29,13 @@ Conventions used by every model in `scdpo_jax.models`:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from flax.core import meta
 
 from scdpo_jax import parallel
 
@@ -51,6 +65,33 @@ ACTIVATION_AXES_NHWC = (A.BATCH, A.HEIGHT, A.WIDTH, A.CONV_OUT)
 ACTIVATION_AXES_BTD = (A.BATCH, A.LENGTH, A.EMBED)
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+
+
+class Module(nn.Module):
+  """Base of every model module: `dtype` (compute) and `param_dtype` (storage) as keyword-only
+  fields, passed on to submodules and layers as `**self.dt`."""
+
+  dtype: Dtype = dataclasses.field(default=jnp.float32, kw_only=True)
+  param_dtype: Dtype = dataclasses.field(default=jnp.float32, kw_only=True)
+
+  @property
+  def dt(self) -> dict[str, Dtype]:
+    return {"dtype": self.dtype, "param_dtype": self.param_dtype}
+
+
+def abstract_params(module: nn.Module) -> Any:
+  """`module`'s `params` tree as `jax.ShapeDtypeStruct`s (in `param_dtype`) boxed as
+  `nn.LogicallyPartitioned` with their logical axis names, via `jax.eval_shape`: nothing is
+  computed or allocated. `nn.get_partition_spec` of it gives the logical specs, `meta.unbox` the
+  bare shapes. `module` is a top-level model (UNet, VAE, CLIP tower): it provides
+  `dummy_inputs()`."""
+  return jax.eval_shape(module.init, jax.random.key(0), *module.dummy_inputs())["params"]
+
+
+def init_params(module: nn.Module, rng: jax.Array) -> Any:
+  """A random init of `module`'s `params` (unboxed device arrays) in one jitted `module.init`."""
+  zeros = [jnp.zeros(s.shape, s.dtype) for s in module.dummy_inputs()]
+  return meta.unbox(jax.jit(module.init)(rng, *zeros)["params"])
 
 
 def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
