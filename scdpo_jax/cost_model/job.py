@@ -24,7 +24,7 @@ SYNTHETIC_DIR = "synthetic_images"
 
 
 def _clip_folder(config: ml_collections.ConfigDict, workdir: Path) -> Path:
-  from scdpo_jax.models import clip
+  from scdpo_jax.models import clip_io
 
   if config.clip_folder:
     return Path(config.clip_folder).resolve()
@@ -33,7 +33,7 @@ def _clip_folder(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     logging.warning("cost model: no clip_folder given: using a tiny RANDOM CLIP vision tower "
                     "(tests/demos only; its costs mean nothing for real images)")
     module, params = random_vision_tower(config.tiny_clip.to_dict(), seed=config.seed)
-    clip.save_clip_vision(folder, module.config, params)
+    clip_io.save_clip_vision(folder, module.config, params)
   return folder.resolve()
 
 
@@ -56,11 +56,12 @@ def _items(config: ml_collections.ConfigDict, workdir: Path, image_size: int):
 
 def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   from scdpo_jax import parallel
-  from scdpo_jax.models import clip
+  from scdpo_jax.models import clip_io
 
   workdir = Path(workdir)
   folder = _clip_folder(config, workdir)
-  vision_module, vision_params = clip.load_clip_vision(folder, dtype=jnp.dtype(config.clip_dtype))
+  vision_module, vision_params = clip_io.load_clip_vision(folder,
+                                                          dtype=jnp.dtype(config.clip_dtype))
   vcfg = vision_module.config
   dim = vcfg.projection_dim if vision_module.with_projection else vcfg.hidden_size
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,

@@ -75,12 +75,12 @@ def make_embedder(vision_module, vision_params: Any, *, batch_size: int = 64, me
   the tower's weights placed by their logical axis rules.
   """
   from scdpo_jax import parallel
-  from scdpo_jax.models import clip
+  from scdpo_jax.models import layers
 
   mesh = mesh if mesh is not None else parallel.make_mesh(devices=jax.local_devices())
   divisor = parallel.batch_divisor(mesh)
   batch_size = -(-int(batch_size) // divisor) * divisor
-  shardings = parallel.logical_shardings(clip.abstract_params(vision_module), mesh,
+  shardings = parallel.logical_shardings(layers.abstract_params(vision_module), mesh,
                                          parallel.DEFAULT_RULES)
   params = jax.device_put(vision_params, shardings)
   fn = jax.jit(lambda p, x: tower_embedding(vision_module, p, x),
@@ -110,9 +110,9 @@ def random_vision_tower(config: dict, seed: int = 0):
   images). `config` holds `CLIPVisionConfig` fields. Returns (module, params)."""
   from flax.core import meta
 
-  from scdpo_jax.models import clip
+  from scdpo_jax.models import clip, clip_config
 
-  cfg = clip.CLIPVisionConfig.from_dict(dict(config))
+  cfg = clip_config.CLIPVisionConfig.from_dict(dict(config))
   module = clip.CLIPVisionModel(cfg, with_projection=True)
   dummy = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
   params = jax.jit(module.init)(jax.random.key(seed), dummy)["params"]

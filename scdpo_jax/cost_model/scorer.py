@@ -49,7 +49,7 @@ class CostModelScorer:
     `step` picks a checkpoint (default: the latest).
     """
     from scdpo_jax.cost_model.train import CHECKPOINT_DIR, META_NAME
-    from scdpo_jax.models import clip
+    from scdpo_jax.models import clip_io
 
     workdir = Path(workdir)
     meta_path = workdir / META_NAME
@@ -57,8 +57,8 @@ class CostModelScorer:
       raise FileNotFoundError(f"{meta_path} not found: is {workdir} a cost_model job workdir?")
     meta = json.loads(meta_path.read_text())
     folder = Path(clip_folder or meta["clip_folder"])
-    vision_module, vision_params = clip.load_clip_vision(folder,
-                                                         dtype=jnp.dtype(meta["clip_dtype"]))
+    vision_module, vision_params = clip_io.load_clip_vision(folder,
+                                                            dtype=jnp.dtype(meta["clip_dtype"]))
     adapter = CostAdapter(**meta["adapter"])
     dim = int(meta["embedding_dim"])
     abstract = jax.eval_shape(adapter.init, jax.random.key(0),

@@ -61,7 +61,7 @@ class PairEncoder:
     import jax.numpy as jnp
 
     from scdpo_jax import parallel
-    from scdpo_jax.models import clip, vae
+    from scdpo_jax.models import clip, layers, vae
 
     if latent_mode not in LATENT_MODES:
       raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
@@ -78,9 +78,8 @@ class PairEncoder:
     self.max_length = int(text_module.config.max_position_embeddings)
     rules = parallel.rules_from_config(rules or parallel.DEFAULT_RULES)
 
-    vae_shard = parallel.logical_shardings(vae.abstract_variables(vae_module)["params"],
-                                           self.mesh, rules)
-    text_shard = parallel.logical_shardings(clip.abstract_params(text_module), self.mesh, rules)
+    vae_shard = parallel.logical_shardings(layers.abstract_params(vae_module), self.mesh, rules)
+    text_shard = parallel.logical_shardings(layers.abstract_params(text_module), self.mesh, rules)
     self.vae_params = jax.device_put(vae_params, vae_shard)
     self.text_params = jax.device_put(text_params, text_shard)
     b4, b3, b2, b1 = (parallel.batch_sharding(self.mesh, n) for n in (4, 3, 2, 1))

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax.core import meta
 
-from scdpo_jax.models import io, pipeline, unet as unet_lib
+from scdpo_jax.models import io, layers, pipeline, unet as unet_lib, unet_config
 
 PIPELINE_COMPONENTS_BUT_UNET = ("vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -30,7 +30,7 @@ def _tree_paths(tree: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
 def check_unet_params(model: unet_lib.UNet2DConditionModel, params: Any, source: str) -> None:
   """Raise naming the first mismatching entries if `params` is not `model`'s parameter tree."""
   expected = {k: shape for k, (shape, _) in _tree_paths(meta.unbox(
-      unet_lib.unet_param_shapes(model))).items()}
+      layers.abstract_params(model))).items()}
   got = {k: shape for k, (shape, _) in _tree_paths(params).items()}
   missing = sorted(set(expected) - set(got))
   extra = sorted(set(got) - set(expected))
@@ -64,12 +64,12 @@ def export_pipeline(base_folder: str | os.PathLike, unet_params: Any,
   if isinstance(params, dict) and set(params) == {"params"}:
     params = params["params"]
   params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
-  config = unet_lib.UNetConfig.from_dict(io.read_json(base / "unet" / "config.json",
-                                                      "UNet config"))
+  config = unet_config.UNetConfig.from_dict(io.read_json(base / "unet" / "config.json",
+                                                         "UNet config"))
   model = unet_lib.UNet2DConditionModel(config)
   check_unet_params(model, params, source)
   sd = pipeline.load_stable_diffusion(base, PIPELINE_COMPONENTS_BUT_UNET)
   sd.unet, sd.unet_params = model, params
   sd.tokenizer = None  # copied verbatim below, so the tokenizer files stay byte-identical
   return pipeline.save_stable_diffusion(out, sd, tokenizer_folder=base / "tokenizer",
-                                        dtype=dtype)
+                                        param_dtype=dtype)

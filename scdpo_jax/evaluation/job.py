@@ -129,7 +129,7 @@ def _model_folder(config, workdir: Path) -> Path:
 def _load_model(config, folder: Path):
   import jax.numpy as jnp
 
-  from scdpo_jax.models import pipeline, unet as unet_lib
+  from scdpo_jax.models import pipeline, unet_io
 
   mc = config.model
   kw = dict(dtype=jnp.dtype(mc.dtype), param_dtype=jnp.dtype(mc.param_dtype),
@@ -137,7 +137,7 @@ def _load_model(config, folder: Path):
   components = [c for c in pipeline.COMPONENTS if not (c == "unet" and mc.unet)]
   sd = pipeline.load_stable_diffusion(folder, components, **kw)
   if mc.unet:
-    sd.unet, sd.unet_params = unet_lib.load_unet(mc.unet, **kw)
+    sd.unet, sd.unet_params = unet_io.load_unet(mc.unet, **kw)
   return sd
 
 

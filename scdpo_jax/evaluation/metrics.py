@@ -232,7 +232,7 @@ class ClipEmbedder:
                batch_size: int = 16):
     import jax
 
-    from scdpo_jax.models import clip, io, tokenizer
+    from scdpo_jax.models import clip_io, io, tokenizer
 
     if not str(folder):
       raise MetricUnavailable(
@@ -249,7 +249,7 @@ class ClipEmbedder:
                               "(only .safetensors are read)")
     self.folder = folder
     self.batch_size = batch_size
-    self.vision, vision_params = clip.load_clip_vision(folder, with_projection=True)
+    self.vision, vision_params = clip_io.load_clip_vision(folder, with_projection=True)
     self.vision_params = jax.device_put(vision_params)
     pre = {}
     if (folder / "preprocessor_config.json").is_file():
@@ -271,7 +271,7 @@ class ClipEmbedder:
         raise MetricUnavailable(f"{needed_by}: needs the CLIP tokenizer files "
                                 f"{folder / 'vocab.json'} + {folder / 'merges.txt'} (or "
                                 f"{folder / 'tokenizer.json'})")
-      self.text, text_params = clip.load_clip_text(folder, with_projection=True)
+      self.text, text_params = clip_io.load_clip_text(folder, with_projection=True)
       self.text_params = jax.device_put(text_params)
       self.tokenizer = tokenizer.load_tokenizer(
           folder, max_length=self.text.config.max_position_embeddings)

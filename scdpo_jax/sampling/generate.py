@@ -21,9 +21,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from scdpo_jax import parallel
-from scdpo_jax.models import clip
+from scdpo_jax.models import clip, layers
 from scdpo_jax.models import tokenizer as tokenizer_lib
-from scdpo_jax.models import unet as unet_lib
 from scdpo_jax.models import vae as vae_lib
 from scdpo_jax.models.pipeline import StableDiffusion
 from scdpo_jax.sampling import guards, samplers
@@ -102,9 +101,9 @@ class TextToImage:
 
   def _param_shardings(self, rules):
     sd = self.sd
-    unet_shapes = unet_lib.unet_param_shapes(sd.unet)
-    vae_shapes = vae_lib.abstract_variables(sd.vae)["params"] if sd.vae is not None else None
-    text_shapes = clip.abstract_params(sd.text_encoder)
+    unet_shapes = layers.abstract_params(sd.unet)
+    vae_shapes = layers.abstract_params(sd.vae) if sd.vae is not None else None
+    text_shapes = layers.abstract_params(sd.text_encoder)
     return tuple(parallel.logical_shardings(s, self.mesh, rules)
                  for s in (unet_shapes, vae_shapes, text_shapes))
 

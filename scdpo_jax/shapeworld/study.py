@@ -357,12 +357,12 @@ def _mean_se(values: Sequence[float]) -> tuple[float, float]:
 
 def evaluate_method(config, gen: Generator, method: str, workdir: Path) -> dict:
   """Generate every eval image of `method` and score it (module docstring)."""
-  from scdpo_jax.models import unet as unet_lib
+  from scdpo_jax.models import unet_io
 
   e = config.evaluate
   params, guard = None, "none"
   if method in FINETUNES:
-    _, params = unet_lib.load_unet(workdir / "finetune" / method / "export" / "unet")
+    _, params = unet_io.load_unet(workdir / "finetune" / method / "export" / "unet")
   elif method in ("negative_prompt", "trasce"):
     guard = method
   sets = eval_prompts(config)

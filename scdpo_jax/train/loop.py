@@ -21,7 +21,7 @@ from absl import logging
 
 from scdpo_jax import parallel
 from scdpo_jax.data.batch import PAIR_KEYS
-from scdpo_jax.models import pipeline, tokenizer, unet as unet_lib
+from scdpo_jax.models import pipeline, tokenizer, unet_io
 from scdpo_jax.train import optim, state as state_lib
 from scdpo_jax.train.checkpoint import Checkpointer
 from scdpo_jax.train.metrics_writer import MetricsWriter
@@ -261,6 +261,6 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
     from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(state.params, tiled=True)  # collective
     if jax.process_index() == 0:
-      unet_lib.save_unet(workdir / "export" / "unet", policy.config, params)
+      unet_io.save_unet(workdir / "export" / "unet", policy.config, params)
       logging.info("exported the trained UNet in diffusers format to %s", workdir / "export/unet")
   return result

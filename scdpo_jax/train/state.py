@@ -26,12 +26,13 @@ from absl import logging
 from flax.core import meta
 
 from scdpo_jax import parallel
-from scdpo_jax.models import unet as unet_lib
+from scdpo_jax.models import layers, unet as unet_lib
+from scdpo_jax.models.unet_config import UNetConfig
 from scdpo_jax.train.checkpoint import abstract_with_shardings
 from scdpo_jax.train.step import StepConfig, TrainState
 
 
-def make_unets(model_config: ml_collections.ConfigDict, unet_config: unet_lib.UNetConfig):
+def make_unets(model_config: ml_collections.ConfigDict, unet_config: UNetConfig):
   """(policy, reference): the same architecture; fp32 master weights for the policy, the
   reference stored in `model.ref_param_dtype`; both compute in `model.dtype`."""
   compute = jnp.dtype(model_config.dtype)
@@ -70,7 +71,7 @@ def train_state_spec(config: ml_collections.ConfigDict, mesh, policy, reference,
                      optimizer) -> TrainStateSpec:
   """Trace the state once (`jax.eval_shape`: no weights) and map its logical axes to `mesh`."""
   rules = parallel.rules_from_config(config.sharding_rules)
-  boxed_params = unet_lib.unet_param_shapes(policy)
+  boxed_params = layers.abstract_params(policy)
   unsharded = parallel.unsharded_params(boxed_params, mesh, rules)
   if unsharded:
     logging.warning("sharding rules leave %d large parameters replicated on mesh %s (first: %s); "
@@ -126,19 +127,17 @@ class CompiledStep:
   flops_per_device: float | None
 
 
-def compile_train_step(mesh, spec: TrainStateSpec, train_step: Callable, example_batch: dict,
-                       empty_states: np.ndarray) -> CompiledStep:
-  """Jit the step under the logical axis rules and compile it for this host-local batch layout.
-
-  `example_batch` holds this process's rows; the global batch is `process_count` times larger.
-  """
+def lower_train_step(mesh, spec: TrainStateSpec, train_step: Callable, example_batch: dict,
+                     empty_states: np.ndarray):
+  """(lowered program, batch shardings): the step jitted under the logical axis rules, with the
+  state donated, lowered for this host-local batch layout (the global batch is `process_count`
+  times `example_batch`)."""
   batch_shardings = {k: parallel.batch_sharding(mesh, np.ndim(v), spec.rules)
                      for k, v in example_batch.items()}
   repl = parallel.replicated(mesh)
   jitted = jax.jit(parallel.with_logical_rules(train_step, mesh, spec.rules),
                    in_shardings=(spec.state_shardings, spec.ref_shardings, batch_shardings, repl),
                    out_shardings=(spec.state_shardings, repl), donate_argnums=(0,))
-  t0 = time.time()
   global_batch = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:],
                                           v.dtype, sharding=batch_shardings[k])
                   for k, v in example_batch.items()}
@@ -147,6 +146,15 @@ def compile_train_step(mesh, spec: TrainStateSpec, train_step: Callable, example
   lowered = jitted.lower(spec.abstract_state_with_shardings(), ref, global_batch,
                          jax.ShapeDtypeStruct(empty_states.shape, empty_states.dtype,
                                               sharding=repl))
+  return lowered, batch_shardings
+
+
+def compile_train_step(mesh, spec: TrainStateSpec, train_step: Callable, example_batch: dict,
+                       empty_states: np.ndarray) -> CompiledStep:
+  """`lower_train_step`, then AOT-compile (the seconds are reported as `compile_s`)."""
+  t0 = time.time()
+  lowered, batch_shardings = lower_train_step(mesh, spec, train_step, example_batch,
+                                              empty_states)
   compiled = lowered.compile()
   return CompiledStep(fn=compiled, batch_shardings=batch_shardings,
                       compile_s=time.time() - t0, flops_per_device=_flops(compiled))
