@@ -50,7 +50,7 @@ def bench_ours(args) -> dict:
   from configs import default
   from scdpo_jax import parallel
   from scdpo_jax.data.batch import PAIR_KEYS
-  from scdpo_jax.models import pipeline, schedule, unet as unet_lib
+  from scdpo_jax.models import pipeline, schedule, unet as unet_lib, unet_config
   from scdpo_jax.train import optim, state as state_lib, step as step_lib
 
   config = default.get_config()
@@ -69,7 +69,7 @@ def bench_ours(args) -> dict:
 
   unet_cfg = common.TINY_UNET if args.tiny else common.SD15_UNET
   sd = pipeline.StableDiffusion()
-  sd.unet = unet_lib.UNet2DConditionModel(unet_lib.UNetConfig.from_dict(unet_cfg))
+  sd.unet = unet_lib.UNet2DConditionModel(unet_config.UNetConfig.from_dict(unet_cfg))
   sd.schedule = schedule.schedule_from_config(dict(
       num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
       beta_schedule="scaled_linear", prediction_type="epsilon"))

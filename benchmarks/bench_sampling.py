@@ -36,22 +36,23 @@ def bench_ours(args) -> dict:
   import numpy as np
   from flax.core import meta
 
-  from scdpo_jax.models import clip, pipeline, schedule, tokenizer, unet, vae
+  from scdpo_jax.models import (clip, clip_config, layers, pipeline, schedule, tokenizer, unet,
+                                unet_config, vae, vae_config)
   from scdpo_jax.sampling.generate import SamplingSettings, TextToImage
 
   unet_cfg, vae_cfg, text_cfg, size = _configs(args.tiny)
   dtype = jnp.dtype(args.dtype)
   sd = pipeline.StableDiffusion()
-  sd.unet = unet.UNet2DConditionModel(unet.UNetConfig.from_dict(unet_cfg), dtype=dtype,
+  sd.unet = unet.UNet2DConditionModel(unet_config.UNetConfig.from_dict(unet_cfg), dtype=dtype,
                                       param_dtype=dtype, attention_impl=args.attention)
-  sd.vae = vae.AutoencoderKL(vae.VAEConfig.from_dict(vae_cfg), dtype=dtype, param_dtype=dtype)
-  sd.text_encoder = clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(text_cfg), dtype=dtype,
-                                       param_dtype=dtype)
+  sd.vae = vae.AutoencoderKL(vae_config.VAEConfig.from_dict(vae_cfg), dtype=dtype,
+                             param_dtype=dtype)
+  sd.text_encoder = clip.CLIPTextModel(clip_config.CLIPTextConfig.from_dict(text_cfg),
+                                       dtype=dtype, param_dtype=dtype)
   cast = lambda tree: jax.tree.map(lambda x: np.asarray(x).astype(dtype), tree)
-  sd.unet_params = cast(common.random_params(meta.unbox(unet.unet_param_shapes(sd.unet))))
-  sd.vae_params = cast(common.random_params(meta.unbox(vae.abstract_variables(sd.vae))["params"]))
-  sd.text_encoder_params = cast(common.random_params(meta.unbox(clip.abstract_params(
-      sd.text_encoder))))
+  sd.unet_params, sd.vae_params, sd.text_encoder_params = (
+      cast(common.random_params(meta.unbox(layers.abstract_params(m))))
+      for m in (sd.unet, sd.vae, sd.text_encoder))
   tok_dir = tokenizer.write_byte_level_tokenizer(tempfile.mkdtemp(), 77)
   sd.tokenizer = tokenizer.load_tokenizer(tok_dir, 77)
   sd.scheduler_config = dict(common.SD15_SCHEDULER)

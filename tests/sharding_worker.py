@@ -40,7 +40,7 @@ def main(out_path: str) -> None:
   import jax
   from scdpo_jax import parallel
   from scdpo_jax.data.batch import PAIR_KEYS
-  from scdpo_jax.models import pipeline, unet as unet_lib
+  from scdpo_jax.models import layers, pipeline
   from scdpo_jax.train import loop, optim, state as state_lib, step as step_lib
   from tests.train_utils import build_tiny_base, tiny_train_config
 
@@ -66,7 +66,7 @@ def main(out_path: str) -> None:
         "batch_specs": {k: [list(a) if isinstance(a, tuple) else a for a in s.spec]
                         for k, s in batch_shardings.items()},
         "unsharded_params": parallel.unsharded_params(
-            unet_lib.unet_param_shapes(policy), mesh, spec.rules, min_size=1024),
+            layers.abstract_params(policy), mesh, spec.rules, min_size=1024),
     }
   Path(out_path).write_text(json.dumps(result))
 

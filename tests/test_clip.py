@@ -25,7 +25,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from scdpo_jax.models import clip, convert, io  # noqa: E402
+from scdpo_jax.models import clip, clip_config, clip_io, convert, io, layers  # noqa: E402
 from torch_refs import nchw_to_nhwc, to_numpy  # noqa: E402
 
 ATOL = 1e-4
@@ -94,7 +94,7 @@ def text_case(request, tmp_path_factory):
   model = _perturb(getattr(transformers, cls_name)(cfg))
   folder = tmp_path_factory.mktemp(f"text_{request.param}")
   model.save_pretrained(folder)
-  module, params = clip.load_clip_text(folder)
+  module, params = clip_io.load_clip_text(folder)
   return dict(name=request.param, model=model, folder=folder, module=module, params=params,
               eos=overrides["eos_token_id"])
 
@@ -106,7 +106,7 @@ def vision_case(tmp_path_factory):
   model = _perturb(transformers.CLIPVisionModelWithProjection(cfg))
   folder = tmp_path_factory.mktemp("vision")
   model.save_pretrained(folder)
-  module, params = clip.load_clip_vision(folder)
+  module, params = clip_io.load_clip_vision(folder)
   return dict(model=model, folder=folder, module=module, params=params)
 
 
@@ -252,8 +252,8 @@ def test_vision_rejects_channels_first(vision_case):
 
 def test_full_clip_model(full_case):
   model, folder = full_case["model"], full_case["folder"]
-  text_module, text_params = clip.load_clip_text(folder)
-  vision_module, vision_params = clip.load_clip_vision(folder)
+  text_module, text_params = clip_io.load_clip_text(folder)
+  vision_module, vision_params = clip_io.load_clip_vision(folder)
   assert text_module.with_projection and vision_module.with_projection
   assert text_module.config.projection_dim == vision_module.config.projection_dim == 24
   assert text_module.config.eos_token_id == 7
@@ -277,7 +277,7 @@ def test_full_clip_model(full_case):
   _close(ours_v.image_embeds, to_numpy(image_embeds), "image_embeds")
 
   # with_projection=False drops the projection of a checkpoint that has one.
-  bare, bare_params = clip.load_clip_text(folder, with_projection=False)
+  bare, bare_params = clip_io.load_clip_text(folder, with_projection=False)
   assert not bare.with_projection and "text_projection" not in bare_params
 
 
@@ -288,7 +288,7 @@ def test_full_clip_model(full_case):
 
 def test_text_roundtrip_through_transformers(text_case, tmp_path):
   module, params, model = text_case["module"], text_case["params"], text_case["model"]
-  clip.save_clip_text(tmp_path, module.config, params)
+  clip_io.save_clip_text(tmp_path, module.config, params)
   cfg = json.loads((tmp_path / "config.json").read_text())
   expected_arch = type(model).__name__
   assert cfg["architectures"] == [expected_arch] and cfg["model_type"] == "clip_text_model"
@@ -297,13 +297,13 @@ def test_text_roundtrip_through_transformers(text_case, tmp_path):
   _compare_text(_run_text(module, params, ids, mask), _torch_text(reloaded, ids, mask),
                 module.with_projection)
   # And our own loader reads what we wrote (prefixed keys) back to the same tree.
-  _, again = clip.load_clip_text(tmp_path)
+  _, again = clip_io.load_clip_text(tmp_path)
   jax.tree.map(np.testing.assert_array_equal, again, params)
 
 
 def test_vision_roundtrip_through_transformers(vision_case, tmp_path):
   module, params = vision_case["module"], vision_case["params"]
-  clip.save_clip_vision(tmp_path, module.config, params)
+  clip_io.save_clip_vision(tmp_path, module.config, params)
   cfg = json.loads((tmp_path / "config.json").read_text())
   assert cfg["architectures"] == ["CLIPVisionModelWithProjection"]
   assert cfg["model_type"] == "clip_vision_model"
@@ -318,12 +318,12 @@ def test_vision_roundtrip_through_transformers(vision_case, tmp_path):
   # Without the projection: a plain CLIPVisionModel folder, loaded back without projection.
   bare_dir = tmp_path / "bare"
   bare_params = {k: v for k, v in params.items() if k != "visual_projection"}
-  clip.save_clip_vision(bare_dir, module.config, bare_params)
+  clip_io.save_clip_vision(bare_dir, module.config, bare_params)
   assert json.loads((bare_dir / "config.json").read_text())["architectures"] == ["CLIPVisionModel"]
   bare_ref = transformers.CLIPVisionModel.from_pretrained(bare_dir).eval()
   with torch.no_grad():
     _close(ours.pooler_output, to_numpy(bare_ref(px).pooler_output), "pooler_output")
-  bare_module, again = clip.load_clip_vision(bare_dir)
+  bare_module, again = clip_io.load_clip_vision(bare_dir)
   assert not bare_module.with_projection
   jax.tree.map(np.testing.assert_array_equal, again, bare_params)
 
@@ -337,14 +337,14 @@ def test_legacy_position_ids_buffer_is_ignored(text_case, tmp_path):
   state = {(k if k.startswith("text_") else f"text_model.{k}"): v for k, v in state.items()}
   state["text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
   save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-  _, params = clip.load_clip_text(tmp_path)
+  _, params = clip_io.load_clip_text(tmp_path)
   jax.tree.map(np.testing.assert_array_equal, params, text_case["params"])
 
 
 def test_save_rejects_params_of_another_config(text_case, tmp_path):
-  other = clip.CLIPTextConfig.from_dict({**TEXT_KW, "intermediate_size": 40})
+  other = clip_config.CLIPTextConfig.from_dict({**TEXT_KW, "intermediate_size": 40})
   with pytest.raises(convert.CheckpointMismatchError, match="fc1"):
-    clip.save_clip_text(tmp_path, other, text_case["params"])
+    clip_io.save_clip_text(tmp_path, other, text_case["params"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,25 +354,25 @@ def test_save_rejects_params_of_another_config(text_case, tmp_path):
 
 def test_config_from_dict_and_back():
   hf = transformers.CLIPTextConfig(**TEXT_KW, hidden_act="gelu", eos_token_id=5).to_dict()
-  cfg = clip.CLIPTextConfig.from_dict(hf)  # unknown keys (initializer_range, ...) ignored
+  cfg = clip_config.CLIPTextConfig.from_dict(hf)  # unknown keys (initializer_range, ...) ignored
   assert (cfg.hidden_size, cfg.hidden_act, cfg.eos_token_id, cfg.vocab_size) == (32, "gelu", 5,
                                                                                 VOCAB)
   d = cfg.to_dict()
   assert d["model_type"] == "clip_text_model"
-  assert clip.CLIPTextConfig.from_dict(d) == cfg
+  assert clip_config.CLIPTextConfig.from_dict(d) == cfg
   rebuilt = transformers.CLIPTextConfig(**{k: v for k, v in d.items() if k != "model_type"})
   assert rebuilt.hidden_act == "gelu" and rebuilt.intermediate_size == 37
 
-  vis = clip.CLIPVisionConfig.from_dict({**VISION_KW, "image_size": [32, 32], "foo": 1})
+  vis = clip_config.CLIPVisionConfig.from_dict({**VISION_KW, "image_size": [32, 32], "foo": 1})
   assert vis.image_size == 32 and vis.num_positions == 17
-  assert clip.CLIPVisionConfig.from_dict(vis.to_dict()) == vis
+  assert clip_config.CLIPVisionConfig.from_dict(vis.to_dict()) == vis
 
 
 @pytest.mark.parametrize("cls,key,value", [
-    (clip.CLIPTextConfig, "hidden_act", "relu"),
-    (clip.CLIPVisionConfig, "hidden_act", "gelu_new"),
-    (clip.CLIPVisionConfig, "image_size", [32, 16]),
-    (clip.CLIPTextConfig, "eos_token_id", [5, 6]),
+    (clip_config.CLIPTextConfig, "hidden_act", "relu"),
+    (clip_config.CLIPVisionConfig, "hidden_act", "gelu_new"),
+    (clip_config.CLIPVisionConfig, "image_size", [32, 16]),
+    (clip_config.CLIPTextConfig, "eos_token_id", [5, 6]),
 ])
 def test_config_rejects_unsupported_values(cls, key, value):
   with pytest.raises(ValueError, match=key) as e:
@@ -384,12 +384,12 @@ def test_config_rejects_unsupported_values(cls, key, value):
 def test_full_config_helpers():
   full = transformers.CLIPConfig(text_config=dict(TEXT_KW, eos_token_id=7),
                                  vision_config=VISION_KW, projection_dim=24).to_dict()
-  assert clip.is_full_clip_config(full)
-  text, vision = clip.text_config_from_hf(full), clip.vision_config_from_hf(full)
+  assert clip_config.is_full_clip_config(full)
+  text, vision = clip_config.text_config_from_hf(full), clip_config.vision_config_from_hf(full)
   assert (text.hidden_size, text.eos_token_id, text.projection_dim) == (32, 7, 24)
   assert (vision.image_size, vision.patch_size, vision.projection_dim) == (32, 8, 24)
   with pytest.raises(ValueError, match="vision config"):
-    clip.text_config_from_hf(vision.to_dict())
+    clip_config.text_config_from_hf(vision.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,14 +399,14 @@ def test_full_config_helpers():
 
 def test_missing_folder(tmp_path):
   with pytest.raises(io.CheckpointNotFoundError, match="not found"):
-    clip.load_clip_text(tmp_path / "nope")
+    clip_io.load_clip_text(tmp_path / "nope")
 
 
 def test_bin_only_folder_explains_conversion(text_case, tmp_path):
   shutil.copy(text_case["folder"] / "config.json", tmp_path / "config.json")
   (tmp_path / "pytorch_model.bin").write_bytes(b"not really a pickle")
   with pytest.raises(io.CheckpointNotFoundError) as e:
-    clip.load_clip_text(tmp_path)
+    clip_io.load_clip_text(tmp_path)
   msg = str(e.value)
   assert "pytorch_model.bin" in msg and "safetensors" in msg and "save_pretrained" in msg
 
@@ -420,17 +420,17 @@ def test_wrong_shape_names_the_key(vision_case, tmp_path):
   state[key] = np.zeros((36, 32), np.float32)
   save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
   with pytest.raises(convert.CheckpointMismatchError, match="shape mismatches") as e:
-    clip.load_clip_vision(tmp_path)
+    clip_io.load_clip_vision(tmp_path)
   assert key in str(e.value)
 
 
 def test_wrong_tower_is_refused(vision_case):
   with pytest.raises(ValueError, match="load_clip_vision"):
-    clip.load_clip_text(vision_case["folder"])
+    clip_io.load_clip_text(vision_case["folder"])
 
 
 def test_params_carry_logical_axes(text_case):
-  boxed = clip.abstract_params(text_case["module"])
+  boxed = layers.abstract_params(text_case["module"])
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: hasattr(x, "names"))
   assert leaves and all(hasattr(x, "names") for x in leaves)
   q = boxed["text_model"]["encoder"]["layers_0"]["self_attn"]["q_proj"]["kernel"]

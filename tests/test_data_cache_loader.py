@@ -19,7 +19,7 @@ from data_utils import gradient_image, png
 from scdpo_jax.data import cache, convert, loader, tfds_pairs
 from scdpo_jax.data.images import decode_image, resize_center_crop, to_model_range
 from scdpo_jax.data.memory import InMemoryPairs
-from scdpo_jax.models import clip, tokenizer, vae
+from scdpo_jax.models import clip, clip_io, tokenizer, vae_io
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_PAIRS = 10
@@ -65,8 +65,8 @@ def test_cached_values_match_direct_encoding(env):
                                             text_states_shape=(32, 32))
   assert ds.metadata["cache"]["encoder"]["latent_mode"] == "mean"
   recs, srcs = all_records(env["latents"]), all_records(env["images"])
-  module, params = vae.load_vae(env["sd"] / "vae")
-  text_module, text_params = clip.load_clip_text(env["sd"] / "text_encoder")
+  module, params = vae_io.load_vae(env["sd"] / "vae")
+  text_module, text_params = clip_io.load_clip_text(env["sd"] / "text_encoder")
   tok = tokenizer.load_tokenizer(env["sd"] / "tokenizer", 32)
   for i in (0, 5, 9):
     rec, src = recs[i], srcs[i]

@@ -8,7 +8,9 @@ import pytest
 
 from configs import default
 from scdpo_jax import parallel
-from scdpo_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_param_shapes
+from scdpo_jax.models.layers import abstract_params, init_params
+from scdpo_jax.models.unet import UNet2DConditionModel
+from scdpo_jax.models.unet_config import UNetConfig
 from scdpo_jax.train import optim
 
 
@@ -49,9 +51,7 @@ def tiny_unet():
       sample_size=8, block_out_channels=(32,), layers_per_block=1, cross_attention_dim=16,
       attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D",),
       up_block_types=("CrossAttnUpBlock2D",))))
-  params = jax.jit(lambda k: jax.tree.map(
-      lambda x: getattr(x, "value", x), model.init(k, *model.init_inputs(1, 4))["params"],
-      is_leaf=lambda x: hasattr(x, "value")))(jax.random.key(0))
+  params = init_params(model, jax.random.key(0))
   return model, params
 
 
@@ -59,7 +59,7 @@ def tiny_unet():
 def test_optimizer_steps_and_state_shardings(name, tiny_unet):
   model, params = tiny_unet
   tx = optim.make_optimizer(_opt(name=name, lr=1e-3, warmup_steps=0), 10, 4)
-  boxed = unet_param_shapes(model)
+  boxed = abstract_params(model)
   mesh = parallel.make_mesh(1, 1, 1)
   # The optimizer state's shardings come from the boxed (logically named) params.
   state_shardings = parallel.logical_shardings(jax.eval_shape(tx.init, boxed), mesh,

@@ -68,7 +68,7 @@ def test_training_writes_metrics_checkpoints_and_export(tmp_path):
   tags = _read_tensorboard_tags(tmp_path / "tensorboard")
   assert {"loss/all", "implicit_acc/harmful", "pairs_per_s"} <= tags
   assert Checkpointer(tmp_path / "checkpoints").manager.all_steps() == [2, 4]
-  from scdpo_jax.models.unet import load_unet
+  from scdpo_jax.models.unet_io import load_unet
   _, params = load_unet(tmp_path / "export" / "unet")
   final = jax.device_get(result["state"].params)
   np.testing.assert_array_equal(params["conv_in"]["kernel"], final["conv_in"]["kernel"])

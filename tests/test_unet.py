@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from scdpo_jax.models import convert, io
-from scdpo_jax.models.unet import (UNet2DConditionModel, UNetConfig, load_unet, save_unet,
-                                   unet_param_shapes)
+from scdpo_jax.models.layers import abstract_params
+from scdpo_jax.models.unet import UNet2DConditionModel
+from scdpo_jax.models.unet_config import UNetConfig
+from scdpo_jax.models.unet_io import load_unet, save_unet
 from tests.torch_refs import nchw_to_nhwc, nhwc_to_nchw, to_numpy
 
 torch = pytest.importorskip("torch")
@@ -81,7 +83,7 @@ def apply_fn():
 
 def test_sd15_parameter_count():
   model = UNet2DConditionModel(UNetConfig())
-  shapes = unet_param_shapes(model)
+  shapes = abstract_params(model)
   assert sum(x.size for x in jax.tree.leaves(shapes)) == 859_520_964
 
 
@@ -138,7 +140,7 @@ def test_remat_gives_same_gradients(reference):
 
 def test_logical_axis_names_on_params():
   model = UNet2DConditionModel(UNetConfig.from_dict(SD1_TINY))
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *model.init_inputs(1, 4)))["params"]
+  boxed = abstract_params(model)
   import flax.linen as nn
   specs = nn.get_partition_spec(boxed)
   q = specs["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["attn1"]["to_q"]["kernel"]

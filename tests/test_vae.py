@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax.core import meta
 from safetensors.numpy import load_file, save_file
 
-from scdpo_jax.models import convert, io, vae
+from scdpo_jax.models import convert, io, layers, vae, vae_config, vae_io
 from torch_refs import nchw_to_nhwc, nhwc_to_nchw, to_numpy
 
 torch = pytest.importorskip("torch")
@@ -61,7 +61,7 @@ def jitted(module):
 def build_case(name: str, folder):
   model = torch_vae(**VARIANTS[name])
   model.save_pretrained(folder)
-  module, params = vae.load_vae(folder)
+  module, params = vae_io.load_vae(folder)
   rng = np.random.RandomState(1)
   image = rng.uniform(-1, 1, (2, 3, IMAGE_SIDE, IMAGE_SIDE)).astype(np.float32)
   side = IMAGE_SIDE // module.config.downsample_factor
@@ -115,7 +115,7 @@ def test_decode_matches_diffusers(case):
 
 
 def test_save_vae_round_trips_through_diffusers(case, tmp_path):
-  vae.save_vae(tmp_path, case.module.config, case.params)
+  vae_io.save_vae(tmp_path, case.module.config, case.params)
   reloaded = diffusers.AutoencoderKL.from_pretrained(tmp_path).eval()
   for key, value in case.model.config.items():
     if not key.startswith("_"):
@@ -131,7 +131,7 @@ def test_save_vae_round_trips_through_diffusers(case, tmp_path):
                           (case.mean, case.logvar, case.decoded)):
     np.testing.assert_array_equal(ours, theirs)
   # And back into JAX: same config, bit-identical parameters.
-  module, params = vae.load_vae(tmp_path)
+  module, params = vae_io.load_vae(tmp_path)
   assert module.config == case.module.config
   jax.tree.map(np.testing.assert_array_equal, params, case.params)
 
@@ -139,7 +139,7 @@ def test_save_vae_round_trips_through_diffusers(case, tmp_path):
 def test_config_round_trip(case):
   config = case.module.config
   raw = json.loads((case.folder / "config.json").read_text())
-  assert vae.VAEConfig.from_dict(config.to_dict()) == config
+  assert vae_config.VAEConfig.from_dict(config.to_dict()) == config
   ours = config.to_dict()
   for key, value in raw.items():
     if not key.startswith("_"):
@@ -148,7 +148,7 @@ def test_config_round_trip(case):
 
 
 def test_params_carry_logical_axes(case):
-  boxed = vae.abstract_variables(case.module)["params"]
+  boxed = layers.abstract_params(case.module)
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, meta.Partitioned))
   assert leaves and all(isinstance(x, meta.Partitioned) for x in leaves)
   assert boxed["encoder"]["conv_in"]["kernel"].names == (None, None, "conv_in", "conv_out")
@@ -163,8 +163,8 @@ def test_params_carry_logical_axes(case):
 ])
 def test_param_tree_matches_state_dict(overrides):
   model = torch_vae(**overrides)
-  config = vae.VAEConfig.from_dict(dict(model.config))
-  abstract = meta.unbox(vae.abstract_variables(vae.AutoencoderKL(config))["params"])
+  config = vae_config.VAEConfig.from_dict(dict(model.config))
+  abstract = meta.unbox(layers.abstract_params(vae.AutoencoderKL(config)))
   ours = {k: v.shape for k, v in convert.flax_to_torch(
       jax.tree.map(lambda s: np.zeros(s.shape, np.bool_), abstract)).items()}
   theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -182,12 +182,12 @@ def test_bf16_compute_is_close(small):
 
 
 def test_latent_helpers():
-  config = vae.VAEConfig(scaling_factor=0.13025, shift_factor=0.0609)
+  config = vae_config.VAEConfig(scaling_factor=0.13025, shift_factor=0.0609)
   z = jnp.asarray(np.random.RandomState(0).randn(2, 4, 4, 4), jnp.float32)
   scaled = vae.scale_latents(z, config)
   np.testing.assert_allclose(scaled, (z - 0.0609) * 0.13025, rtol=1e-6)
   np.testing.assert_allclose(vae.unscale_latents(scaled, config), z, rtol=1e-5, atol=1e-6)
-  plain = vae.VAEConfig()
+  plain = vae_config.VAEConfig()
   np.testing.assert_allclose(vae.scale_latents(z, plain), z * 0.18215, rtol=1e-6)
 
   mean = jnp.full((4, 32, 32, 4), 0.5)
@@ -211,7 +211,7 @@ def test_deprecated_attention_names_load(case, tmp_path):
   assert any(".attentions.0.proj_attn." in k for k in old)
   save_file(old, str(tmp_path / "diffusion_pytorch_model.safetensors"))
   (tmp_path / "config.json").write_text((case.folder / "config.json").read_text())
-  _, params = vae.load_vae(tmp_path)
+  _, params = vae_io.load_vae(tmp_path)
   jax.tree.map(np.testing.assert_array_equal, params, case.params)
 
 
@@ -221,7 +221,7 @@ def test_deprecated_attention_names_load(case, tmp_path):
 
 
 def small_config_json() -> dict:
-  return vae.VAEConfig(block_out_channels=(32, 64),
+  return vae_config.VAEConfig(block_out_channels=(32, 64),
                        down_block_types=("DownEncoderBlock2D",) * 2,
                        up_block_types=("UpDecoderBlock2D",) * 2).to_dict()
 
@@ -229,16 +229,16 @@ def small_config_json() -> dict:
 def test_missing_folder_names_path(tmp_path):
   missing = tmp_path / "model" / "vae"
   with pytest.raises(io.CheckpointNotFoundError, match="vae"):
-    vae.load_vae(missing)
+    vae_io.load_vae(missing)
   try:
-    vae.load_vae(missing)
+    vae_io.load_vae(missing)
   except io.CheckpointNotFoundError as e:
     assert str(missing) in str(e)
 
 
 def test_missing_config_names_path(tmp_path):
   with pytest.raises(io.CheckpointNotFoundError) as info:
-    vae.load_vae(tmp_path)
+    vae_io.load_vae(tmp_path)
   assert str(tmp_path / "config.json") in str(info.value)
 
 
@@ -246,7 +246,7 @@ def test_bin_only_folder_gives_convert_hint(tmp_path):
   io.write_json(tmp_path / "config.json", small_config_json())
   (tmp_path / "diffusion_pytorch_model.bin").write_bytes(b"not really a pickle")
   with pytest.raises(io.CheckpointNotFoundError) as info:
-    vae.load_vae(tmp_path)
+    vae_io.load_vae(tmp_path)
   message = str(info.value)
   assert "diffusion_pytorch_model.bin" in message
   assert "safetensors" in message and "save_pretrained" in message
@@ -261,7 +261,7 @@ def test_shape_mismatch_lists_key(small, tmp_path):
   save_file(state, str(tmp_path / "diffusion_pytorch_model.safetensors"))
   (tmp_path / "config.json").write_text((case.folder / "config.json").read_text())
   with pytest.raises(convert.CheckpointMismatchError) as info:
-    vae.load_vae(tmp_path)
+    vae_io.load_vae(tmp_path)
   message = str(info.value)
   assert "decoder.conv_in.bias" in message and "(7,)" in message
   assert "encoder.conv_out.bias" in message and "encoder.extra.weight" in message
@@ -281,7 +281,7 @@ def test_unsupported_config_value(key, value, expected):
   config = small_config_json()
   config[key] = value
   with pytest.raises(ValueError) as info:
-    vae.VAEConfig.from_dict(config)
+    vae_config.VAEConfig.from_dict(config)
   message = str(info.value)
   assert key in message and repr(value) in message and expected in message
 
@@ -291,13 +291,13 @@ def test_unsupported_config_in_folder_names_file(tmp_path):
   config["down_block_types"] = ["AttnDownEncoderBlock2D", "DownEncoderBlock2D"]
   io.write_json(tmp_path / "config.json", config)
   with pytest.raises(ValueError, match="AttnDownEncoderBlock2D") as info:
-    vae.load_vae(tmp_path)
+    vae_io.load_vae(tmp_path)
   assert str(tmp_path / "config.json") in str(info.value)
 
 
 def test_unknown_and_private_keys_are_ignored():
   config = small_config_json() | {"_diffusers_version": "0.1", "_name_or_path": "x",
                                    "some_future_option": 3}
-  parsed = vae.VAEConfig.from_dict(config)
-  assert parsed == vae.VAEConfig.from_dict(small_config_json())
+  parsed = vae_config.VAEConfig.from_dict(config)
+  assert parsed == vae_config.VAEConfig.from_dict(small_config_json())
   assert dataclasses.asdict(parsed)["block_out_channels"] == (32, 64)

@@ -1,7 +1,9 @@
 """A diffusers-format Stable Diffusion folder as our Flax components, and back.
 
 Folder layout (that of `stable-diffusion-v1-5`): model_index.json, unet/, vae/, text_encoder/,
-tokenizer/, scheduler/. Only `.safetensors` weights are read, torch is never imported.
+tokenizer/, scheduler/. Only `.safetensors` weights are read, torch is never imported. The
+components go through the per-model loaders and savers (`unet_io`, `vae_io`, `clip_io`), so the
+same contract holds: parameters come back as host NumPy trees in `param_dtype`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from typing import Any, Iterable
 import jax
 import jax.numpy as jnp
 
-from scdpo_jax.models import clip, io, schedule, tokenizer, unet, vae
+from scdpo_jax.models import clip, clip_config, clip_io, io, layers, schedule, tokenizer
+from scdpo_jax.models import unet, unet_io, vae, vae_io
+# Aliased: `random_stable_diffusion` takes arguments named `unet_config` / `vae_config`.
+from scdpo_jax.models import unet_config as unet_config_lib, vae_config as vae_config_lib
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -65,11 +70,13 @@ def load_stable_diffusion(folder, components: Iterable[str] = COMPONENTS, *,
   sd = StableDiffusion(folder=folder)
   kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant, attention_impl=attention_impl)
   if "unet" in components:
-    sd.unet, sd.unet_params = unet.load_unet(folder / "unet", remat_policy=remat_policy, **kw)
+    sd.unet, sd.unet_params = unet_io.load_unet(folder / "unet", remat_policy=remat_policy,
+                                                **kw)
   if "vae" in components:
-    sd.vae, sd.vae_params = vae.load_vae(folder / "vae", **kw)
+    sd.vae, sd.vae_params = vae_io.load_vae(folder / "vae", **kw)
   if "text_encoder" in components:
-    sd.text_encoder, sd.text_encoder_params = clip.load_clip_text(folder / "text_encoder", **kw)
+    sd.text_encoder, sd.text_encoder_params = clip_io.load_clip_text(folder / "text_encoder",
+                                                                     **kw)
   if "tokenizer" in components:
     max_len = sd.text_encoder.config.max_position_embeddings if sd.text_encoder else None
     sd.tokenizer = tokenizer.load_tokenizer(folder / "tokenizer", max_length=max_len)
@@ -95,21 +102,23 @@ MODEL_INDEX = {
 
 
 def save_stable_diffusion(folder, sd: StableDiffusion, *, tokenizer_folder=None,
-                          dtype: Any = None) -> Path:
+                          param_dtype: Any = None) -> Path:
   """Write every component of `sd` as a diffusers-format pipeline folder.
 
   The result loads with PyTorch `StableDiffusionPipeline.from_pretrained(folder)` (and with
-  `load_stable_diffusion`). `dtype` optionally casts the weights (e.g. numpy float16).
+  `load_stable_diffusion`). `param_dtype` optionally casts the UNet and VAE weights (e.g. numpy
+  float16); the text encoder is written as it is.
   """
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   index = dict(MODEL_INDEX)
   if sd.unet is not None:
-    unet.save_unet(folder / "unet", sd.unet.config, sd.unet_params, dtype=dtype)
+    unet_io.save_unet(folder / "unet", sd.unet.config, sd.unet_params, param_dtype=param_dtype)
   if sd.vae is not None:
-    vae.save_vae(folder / "vae", sd.vae.config, sd.vae_params, dtype=dtype)
+    vae_io.save_vae(folder / "vae", sd.vae.config, sd.vae_params, param_dtype=param_dtype)
   if sd.text_encoder is not None:
-    clip.save_clip_text(folder / "text_encoder", sd.text_encoder.config, sd.text_encoder_params)
+    clip_io.save_clip_text(folder / "text_encoder", sd.text_encoder.config,
+                           sd.text_encoder_params)
     if getattr(sd.text_encoder, "with_projection", False):
       index["text_encoder"] = ["transformers", "CLIPTextModelWithProjection"]
   if sd.tokenizer is not None or tokenizer_folder is not None:
@@ -132,23 +141,18 @@ def save_stable_diffusion(folder, sd: StableDiffusion, *, tokenizer_folder=None,
 def random_stable_diffusion(unet_config: dict, vae_config: dict, text_config: dict,
                             scheduler_config: dict, tokenizer_folder, *, seed: int = 0,
                             dtype: Any = jnp.float32) -> StableDiffusion:
-  """A freshly initialised pipeline of our own model classes (tiny configs for tests/demos)."""
+  """A freshly initialised pipeline of our own model classes (tiny configs for tests/demos);
+  params are host NumPy trees, as `load_stable_diffusion` returns them."""
   keys = jax.random.split(jax.random.key(seed), 3)
   sd = StableDiffusion()
-  sd.unet = unet.UNet2DConditionModel(unet.UNetConfig.from_dict(unet_config), dtype=dtype)
-  sd.unet_params = jax.jit(
-      lambda k: sd.unet.init(k, *sd.unet.init_inputs(1, 8)))(keys[0])["params"]
-  sd.vae = vae.AutoencoderKL(vae.VAEConfig.from_dict(vae_config), dtype=dtype)
-  sd.vae_params = jax.jit(lambda k: sd.vae.init(k, jnp.zeros(
-      (1, sd.vae.config.sample_size, sd.vae.config.sample_size, sd.vae.config.in_channels))))(
-          keys[1])["params"]
-  sd.text_encoder = clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(text_config), dtype=dtype)
-  sd.text_encoder_params = jax.jit(lambda k: sd.text_encoder.init(
-      k, jnp.zeros((1, sd.text_encoder.config.max_position_embeddings), jnp.int32)))(
-          keys[2])["params"]
-  from flax.core import meta
+  sd.unet = unet.UNet2DConditionModel(unet_config_lib.UNetConfig.from_dict(unet_config),
+                                      dtype=dtype)
+  sd.vae = vae.AutoencoderKL(vae_config_lib.VAEConfig.from_dict(vae_config), dtype=dtype)
+  sd.text_encoder = clip.CLIPTextModel(clip_config.CLIPTextConfig.from_dict(text_config),
+                                       dtype=dtype)
   sd.unet_params, sd.vae_params, sd.text_encoder_params = (
-      meta.unbox(p) for p in (sd.unet_params, sd.vae_params, sd.text_encoder_params))
+      jax.device_get(layers.init_params(m, k))
+      for m, k in zip((sd.unet, sd.vae, sd.text_encoder), keys))
   sd.tokenizer = tokenizer.load_tokenizer(tokenizer_folder,
                                           sd.text_encoder.config.max_position_embeddings)
   sd.scheduler_config = dict(scheduler_config)

@@ -1,4 +1,5 @@
-"""Flax UNet2DConditionModel for Stable Diffusion 1.x / 2.x, built from a diffusers config.json.
+"""Flax UNet2DConditionModel for Stable Diffusion 1.x / 2.x (modules only: the config is in
+`unet_config.py`, diffusers folder IO in `unet_io.py`).
 
 API layout (channels-last): `sample` (B, H, W, C_in) latents, `timesteps` (B,) or scalar,
 `encoder_hidden_states` (B, T, cross_attention_dim); returns the model output (B, H, W, C_out),
@@ -6,168 +7,21 @@ epsilon or v depending on the checkpoint's `prediction_type` (that lives in the 
 the network itself does not care).
 
 Module names mirror diffusers' state-dict keys (see `layers.py`), so `convert.py` maps weights
-with no per-model table. diffusers' `attention_head_dim` is, for SD 1.x/2.x checkpoints, the
-*number of heads* (a historical naming quirk that diffusers keeps); `UNetConfig.heads_per_block`
-resolves it the same way diffusers does.
+with no per-model table.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from scdpo_jax.models import layers
-from scdpo_jax.models.layers import A, Dtype
+from scdpo_jax.models import layers, unet_config
+from scdpo_jax.models.layers import A
 
-DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
-UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
-MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
 REMAT_POLICIES = ("none", "block", "dots_saveable", "nothing_saveable")
-
-# Config options whose non-default values we do not implement; loading fails loudly on them.
-_MUST_EQUAL = {
-    "center_input_sample": False,
-    "only_cross_attention": False,
-    "dual_cross_attention": False,
-    "class_embed_type": None,
-    "addition_embed_type": None,
-    "num_class_embeds": None,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "time_embedding_type": "positional",
-    "time_embedding_dim": None,
-    "time_cond_proj_dim": None,
-    "timestep_post_act": None,
-    "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0,
-    "mid_block_only_cross_attention": None,
-    "cross_attention_norm": None,
-    "class_embeddings_concat": False,
-    "projection_class_embeddings_input_dim": None,
-    "addition_time_embed_dim": None,
-    "attention_type": "default",
-    "reverse_transformer_layers_per_block": None,
-    "dropout": 0.0,
-    "mid_block_scale_factor": 1.0,
-    "act_fn": "silu",
-    "downsample_padding": 1,
-}
-
-
-def _as_tuple(value: Any, n: int, key: str) -> tuple:
-  if isinstance(value, (list, tuple)):
-    if len(value) != n:
-      raise ValueError(f"UNet config: {key} has {len(value)} entries but there are {n} blocks")
-    return tuple(value)
-  return (value,) * n
-
-
-@dataclasses.dataclass(frozen=True)
-class UNetConfig:
-  """The subset of diffusers' UNet2DConditionModel config that SD 1.x/2.x use."""
-
-  sample_size: int = 64
-  in_channels: int = 4
-  out_channels: int = 4
-  flip_sin_to_cos: bool = True
-  freq_shift: int = 0
-  down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-  mid_block_type: str = "UNetMidBlock2DCrossAttn"
-  up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
-  block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-  layers_per_block: int = 2
-  norm_num_groups: int = 32
-  norm_eps: float = 1e-5
-  cross_attention_dim: int = 768
-  transformer_layers_per_block: Any = 1
-  attention_head_dim: Any = 8
-  num_attention_heads: Any = None
-  use_linear_projection: bool = False
-  upcast_attention: bool = False
-  conv_in_kernel: int = 3
-  conv_out_kernel: int = 3
-  extra: tuple = ()  # other keys of the source config, written back unchanged on export
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
-    """Validate a diffusers config dict; unsupported options raise with the key named."""
-    for key, default in _MUST_EQUAL.items():
-      value = d.get(key, default)
-      if isinstance(default, float) and value is not None:
-        ok = float(value) == default
-      else:
-        ok = value == default
-      if not ok:
-        raise ValueError(f"UNet config option {key}={value!r} is not supported "
-                         f"(supported: {default!r})")
-    if d.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-      raise ValueError(f"UNet config _class_name={d['_class_name']!r} is not supported "
-                       "(supported: 'UNet2DConditionModel')")
-    fields = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields}
-    if isinstance(kwargs.get("layers_per_block", 2), tuple):
-      raise ValueError("UNet config: a per-block layers_per_block list is not supported "
-                       "(SD 1.x/2.x use one int)")
-    extra = tuple(sorted((k, v) for k, v in d.items()
-                         if k not in fields and k not in _MUST_EQUAL
-                         and not isinstance(v, (list, dict))))
-    cfg = cls(**kwargs, extra=extra)
-    cfg.validate()
-    return cfg
-
-  def validate(self) -> None:
-    n = len(self.block_out_channels)
-    if len(self.down_block_types) != n or len(self.up_block_types) != n:
-      raise ValueError("UNet config: down_block_types, up_block_types and block_out_channels "
-                       f"must have the same length, got {len(self.down_block_types)}, "
-                       f"{len(self.up_block_types)} and {n}")
-    for key, types, allowed in (("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES),
-                                ("up_block_types", self.up_block_types, UP_BLOCK_TYPES)):
-      for t in types:
-        if t not in allowed:
-          raise ValueError(f"UNet config: {key} entry {t!r} is not supported "
-                           f"(supported: {allowed})")
-    if self.mid_block_type not in MID_BLOCK_TYPES:
-      raise ValueError(f"UNet config: mid_block_type={self.mid_block_type!r} is not supported "
-                       f"(supported: {MID_BLOCK_TYPES})")
-    for c in self.block_out_channels:
-      if c % self.norm_num_groups:
-        raise ValueError(f"UNet config: block_out_channels {self.block_out_channels} must be "
-                         f"divisible by norm_num_groups={self.norm_num_groups}")
-    _as_tuple(self.transformer_layers_per_block, n, "transformer_layers_per_block")
-    for c, h in zip(self.block_out_channels, self.heads_per_block):
-      if c % h:
-        raise ValueError(f"UNet config: {c} channels do not split into {h} attention heads")
-
-  @property
-  def heads_per_block(self) -> tuple[int, ...]:
-    # diffusers: `num_attention_heads = num_attention_heads or attention_head_dim`.
-    heads = self.num_attention_heads or self.attention_head_dim
-    return _as_tuple(heads, len(self.block_out_channels), "attention_head_dim")
-
-  @property
-  def transformer_layers(self) -> tuple[int, ...]:
-    return _as_tuple(self.transformer_layers_per_block, len(self.block_out_channels),
-                     "transformer_layers_per_block")
-
-  def to_dict(self) -> dict[str, Any]:
-    """A config.json dict that diffusers' UNet2DConditionModel.from_pretrained accepts."""
-    d = dict(self.extra)
-    for f in dataclasses.fields(self):
-      if f.name == "extra":
-        continue
-      v = getattr(self, f.name)
-      d[f.name] = list(v) if isinstance(v, tuple) else v
-    d.update({k: v for k, v in _MUST_EQUAL.items() if k not in ("reverse_transformer_layers_per_block",)})
-    d["_class_name"] = "UNet2DConditionModel"
-    d.setdefault("_diffusers_version", "0.42.1")
-    return d
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
@@ -184,18 +38,7 @@ def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
   return emb
 
 
-class _Module(nn.Module):
-  """Fields every UNet submodule shares."""
-
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @property
-  def dt(self) -> dict:
-    return {"dtype": self.dtype, "param_dtype": self.param_dtype}
-
-
-class TimestepEmbedding(_Module):
+class TimestepEmbedding(layers.Module):
   features: int = 1280
 
   @nn.compact
@@ -205,7 +48,7 @@ class TimestepEmbedding(_Module):
     return layers.dense(self.features, (A.MLP, A.EMBED), name="linear_2", **self.dt)(x)
 
 
-class ResnetBlock2D(_Module):
+class ResnetBlock2D(layers.Module):
   out_channels: int = 320
   groups: int = 32
   eps: float = 1e-5
@@ -224,7 +67,7 @@ class ResnetBlock2D(_Module):
     return layers.constrain(x + h, layers.ACTIVATION_AXES_NHWC)
 
 
-class Attention(_Module):
+class Attention(layers.Module):
   """diffusers `Attention` (to_q/to_k/to_v without bias, to_out.0 with bias)."""
 
   heads: int = 8
@@ -243,7 +86,7 @@ class Attention(_Module):
     return layers.dense(x.shape[-1], (A.HEADS, A.EMBED), name="to_out_0", **self.dt)(out)
 
 
-class GEGLU(_Module):
+class GEGLU(layers.Module):
   features: int = 1280
 
   @nn.compact
@@ -253,7 +96,7 @@ class GEGLU(_Module):
     return h * layers.gelu_exact(gate)
 
 
-class FeedForward(_Module):
+class FeedForward(layers.Module):
   @nn.compact
   def __call__(self, x):
     dim = x.shape[-1]
@@ -261,7 +104,7 @@ class FeedForward(_Module):
     return layers.dense(dim, (A.MLP, A.EMBED), name="net_2", **self.dt)(h)
 
 
-class BasicTransformerBlock(_Module):
+class BasicTransformerBlock(layers.Module):
   heads: int = 8
   upcast: bool = False
   attention_impl: str = "xla"
@@ -288,7 +131,7 @@ def remat_module(cls, policy: str):
   return nn.remat(cls, policy=jax_policy)
 
 
-class _BlockModule(_Module):
+class _BlockModule(layers.Module):
   """Fields shared by the blocks that hold attention."""
 
   groups: int = 32
@@ -308,8 +151,12 @@ class _BlockModule(_Module):
   def resnet_cls(self):
     return remat_module(ResnetBlock2D, self.remat_policy)
 
+  @property
+  def resnet_kw(self) -> dict:
+    return dict(out_channels=self.channels, groups=self.groups, eps=self.eps, **self.dt)
 
-class Transformer2DModel(_Module):
+
+class Transformer2DModel(layers.Module):
   """Spatial transformer: GroupNorm, proj_in (1x1 conv or linear), blocks, proj_out, residual."""
 
   heads: int = 8
@@ -345,7 +192,7 @@ class Transformer2DModel(_Module):
     return h + residual
 
 
-class Downsample2D(_Module):
+class Downsample2D(layers.Module):
   channels: int = 320
 
   @nn.compact
@@ -353,7 +200,7 @@ class Downsample2D(_Module):
     return layers.conv(self.channels, 3, stride=2, padding=1, name="conv", **self.dt)(x)
 
 
-class Upsample2D(_Module):
+class Upsample2D(layers.Module):
   channels: int = 320
 
   @nn.compact
@@ -377,8 +224,7 @@ class DownBlock2D(_BlockModule):
   def __call__(self, x, temb, context):
     skips = []
     for j in range(self.num_layers):
-      x = self.resnet_cls(out_channels=self.channels, groups=self.groups, eps=self.eps, name=f"resnets_{j}",
-                          **self.dt)(x, temb)
+      x = self.resnet_cls(name=f"resnets_{j}", **self.resnet_kw)(x, temb)
       if self.with_attention:
         x = Transformer2DModel(heads=self.heads, num_layers=self.transformer_layers,
                                name=f"attentions_{j}", **self.attn_kw)(x, context)
@@ -396,11 +242,10 @@ class MidBlock2DCrossAttn(_BlockModule):
 
   @nn.compact
   def __call__(self, x, temb, context):
-    x = self.resnet_cls(out_channels=self.channels, groups=self.groups, eps=self.eps, name="resnets_0", **self.dt)(x, temb)
+    x = self.resnet_cls(name="resnets_0", **self.resnet_kw)(x, temb)
     x = Transformer2DModel(heads=self.heads, num_layers=self.transformer_layers,
                            name="attentions_0", **self.attn_kw)(x, context)
-    return self.resnet_cls(out_channels=self.channels, groups=self.groups, eps=self.eps, name="resnets_1",
-                           **self.dt)(x, temb)
+    return self.resnet_cls(name="resnets_1", **self.resnet_kw)(x, temb)
 
 
 class UpBlock2D(_BlockModule):
@@ -418,8 +263,7 @@ class UpBlock2D(_BlockModule):
     skips = list(skips)
     for j in range(self.num_layers):
       x = jnp.concatenate([x, skips.pop()], axis=-1)
-      x = self.resnet_cls(out_channels=self.channels, groups=self.groups, eps=self.eps, name=f"resnets_{j}",
-                          **self.dt)(x, temb)
+      x = self.resnet_cls(name=f"resnets_{j}", **self.resnet_kw)(x, temb)
       if self.with_attention:
         x = Transformer2DModel(heads=self.heads, num_layers=self.transformer_layers,
                                name=f"attentions_{j}", **self.attn_kw)(x, context)
@@ -428,7 +272,7 @@ class UpBlock2D(_BlockModule):
     return x
 
 
-class UNet2DConditionModel(nn.Module):
+class UNet2DConditionModel(layers.Module):
   """Stable Diffusion's conditional UNet. See the module docstring for the layout.
 
   `remat_policy`: "none"; "block" (recompute every resnet and transformer block in the backward
@@ -436,9 +280,7 @@ class UNet2DConditionModel(nn.Module):
   policy). `attention_impl`: see `layers.dot_product_attention`.
   """
 
-  config: UNetConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  config: unet_config.UNetConfig
   attention_impl: str = "xla"
   remat_policy: str = "none"
 
@@ -446,7 +288,7 @@ class UNet2DConditionModel(nn.Module):
   def __call__(self, sample: jax.Array, timesteps: jax.Array,
                encoder_hidden_states: jax.Array) -> jax.Array:
     cfg = self.config
-    dt = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+    dt = self.dt
     channels, heads, tlayers = cfg.block_out_channels, cfg.heads_per_block, cfg.transformer_layers
     n = len(channels)
     block_kw = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps,
@@ -489,49 +331,12 @@ class UNet2DConditionModel(nn.Module):
     x = layers.conv(cfg.out_channels, cfg.conv_out_kernel, name="conv_out", **dt)(nn.silu(x))
     return x
 
-  def init_inputs(self, batch_size: int = 1, seq_len: int = 77):
-    """Dummy inputs of the right shapes for `init` / `jax.eval_shape`."""
+  @nn.nowrap
+  def dummy_inputs(self) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Input shapes for `layers.abstract_params` / `layers.init_params`: one latent of the
+    smallest side the blocks accept, one timestep, 8 context tokens."""
     cfg = self.config
-    s = cfg.sample_size
-    return (jnp.zeros((batch_size, s, s, cfg.in_channels), self.dtype),
-            jnp.zeros((batch_size,), jnp.int32),
-            jnp.zeros((batch_size, seq_len, cfg.cross_attention_dim), self.dtype))
-
-
-# ----------------------------------------------------------------------------- loading / export
-
-WEIGHTS_STEM = "diffusion_pytorch_model"
-
-
-def unet_param_shapes(model: UNet2DConditionModel) -> Any:
-  """Parameter tree of `model` as ShapeDtypeStructs (boxed with logical names), no compute."""
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), *model.init_inputs(1, 8)))["params"]
-
-
-def load_unet(folder, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-              variant: str | None = None, attention_impl: str = "xla",
-              remat_policy: str = "none") -> tuple[UNet2DConditionModel, dict]:
-  """Load a diffusers `unet/` folder (config.json + safetensors) without torch.
-
-  Returns (module, params) with params as NumPy arrays in `param_dtype`; put them on devices
-  (or shard them) with `jax.device_put`.
-  """
-  from scdpo_jax.models import convert, io
-
-  folder = io.require_dir(folder, "UNet")
-  config = UNetConfig.from_dict(io.read_json(folder / "config.json", "UNet config"))
-  model = UNet2DConditionModel(config, dtype=dtype, param_dtype=param_dtype,
-                               attention_impl=attention_impl, remat_policy=remat_policy)
-  state = io.load_safetensors(folder, WEIGHTS_STEM, "UNet", variant=variant)
-  params = convert.torch_to_flax(state, unet_param_shapes(model), source=str(folder),
-                                 dtype=param_dtype)
-  return model, params
-
-
-def save_unet(folder, config: UNetConfig, params: Any, *, dtype: Any = None) -> None:
-  """Write `params` as a diffusers `unet/` folder that `UNet2DConditionModel.from_pretrained` loads."""
-  from scdpo_jax.models import convert, io
-
-  io.write_json(f"{folder}/config.json", config.to_dict())
-  io.save_safetensors(convert.flax_to_torch(params, dtype=dtype),
-                      f"{folder}/{WEIGHTS_STEM}.safetensors")
+    side = 2 ** (len(cfg.block_out_channels) - 1)
+    return (jax.ShapeDtypeStruct((1, side, side, cfg.in_channels), jnp.float32),
+            jax.ShapeDtypeStruct((1,), jnp.int32),
+            jax.ShapeDtypeStruct((1, 8, cfg.cross_attention_dim), jnp.float32))
