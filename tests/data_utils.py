@@ -39,13 +39,13 @@ def tiny_sd_folder(folder, seed: int = 0):
   import jax.numpy as jnp
   from flax.core import meta
 
-  from scdpo_jax.models import clip, pipeline, tokenizer, vae
+  from scdpo_jax.models import clip, clip_config, pipeline, tokenizer, vae, vae_config
 
   k1, k2 = jax.random.split(jax.random.key(seed))
   sd = pipeline.StableDiffusion()
-  sd.vae = vae.AutoencoderKL(vae.VAEConfig.from_dict(TINY_VAE))
+  sd.vae = vae.AutoencoderKL(vae_config.VAEConfig.from_dict(TINY_VAE))
   sd.vae_params = meta.unbox(jax.jit(sd.vae.init)(k1, jnp.zeros((1, 16, 16, 3)))["params"])
-  sd.text_encoder = clip.CLIPTextModel(clip.CLIPTextConfig.from_dict(TINY_TEXT))
+  sd.text_encoder = clip.CLIPTextModel(clip_config.CLIPTextConfig.from_dict(TINY_TEXT))
   sd.text_encoder_params = meta.unbox(
       jax.jit(sd.text_encoder.init)(k2, jnp.zeros((1, 32), jnp.int32))["params"])
   tok_dir = tokenizer.write_byte_level_tokenizer(folder / "_tok", 32)

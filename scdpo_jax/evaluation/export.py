@@ -49,7 +49,7 @@ def export_pipeline(base_folder: str | os.PathLike, unet_params: Any,
                     source: str = "unet_params") -> Path:
   """Write `out_folder` = `base_folder` with its UNet weights replaced by `unet_params`.
 
-  `unet_params`: the UNet's `params` tree (what `unet.load_unet` returns and the trainer
+  `unet_params`: the UNet's `params` tree (what `unet_io.load_unet` returns and the trainer
   optimises); flax `LogicallyPartitioned` boxes and device arrays (also sharded ones on a single
   process) are accepted. A `{"params": ...}` wrapper is unwrapped. `dtype` optionally casts the
   written UNet and VAE weights (e.g. `np.float16`); the text encoder is written in float32. The
