@@ -328,6 +328,12 @@ def test_vision_roundtrip_through_transformers(vision_case, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, again, bare_params)
 
 
+def test_loaders_return_host_numpy(text_case, vision_case):
+  for params in (text_case["params"], vision_case["params"]):
+    leaves = jax.tree.leaves(params)
+    assert leaves and all(type(x) is np.ndarray and x.dtype == np.float32 for x in leaves)
+
+
 def test_legacy_position_ids_buffer_is_ignored(text_case, tmp_path):
   """Old transformers saved the non-persistent `position_ids` buffer; it must be skipped."""
   from safetensors.numpy import load_file, save_file

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.core import meta
 
-from scdpo_jax.models import io, pipeline, tokenizer, vae as vae_lib
+from scdpo_jax.models import io, layers, pipeline, tokenizer, vae as vae_lib
 from tests.torch_refs import nchw_to_nhwc, nhwc_to_nchw, tiny_torch_pipeline, to_numpy
 
 torch = pytest.importorskip("torch")
@@ -75,6 +76,20 @@ def test_export_loads_in_pytorch_pipeline(torch_pipeline_folder, tmp_path):
   image = reloaded("a red cat", num_inference_steps=2, height=16, width=16, output_type="np",
                    generator=torch.Generator().manual_seed(0)).images
   assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+
+
+def test_loaders_return_host_numpy_in_param_dtype(torch_pipeline_folder):
+  """One loader contract for every component: unboxed host NumPy trees in `param_dtype`, shaped
+  like `layers.abstract_params` of the returned module."""
+  folder, _ = torch_pipeline_folder
+  sd = pipeline.load_stable_diffusion(folder, ("unet", "vae", "text_encoder"),
+                                      param_dtype=jnp.bfloat16)
+  for module, params in ((sd.unet, sd.unet_params), (sd.vae, sd.vae_params),
+                         (sd.text_encoder, sd.text_encoder_params)):
+    leaves = jax.tree.leaves(params)
+    assert leaves and all(type(x) is np.ndarray and x.dtype == jnp.bfloat16 for x in leaves)
+    abstract = meta.unbox(layers.abstract_params(module))
+    assert jax.tree.map(np.shape, params) == jax.tree.map(lambda s: s.shape, abstract)
 
 
 def test_folder_errors_name_the_path(torch_pipeline_folder, tmp_path):

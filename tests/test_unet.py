@@ -110,6 +110,17 @@ def test_export_round_trip(reference, apply_fn, tmp_path):
   assert saved_cfg["use_linear_projection"] == kwargs.get("use_linear_projection", False)
 
 
+def test_save_rejects_params_of_another_config(reference, tmp_path):
+  name, kwargs, _, folder = reference
+  if name != "sd1":
+    pytest.skip("one config is enough")
+  _, params = load_unet(folder)
+  other = UNetConfig.from_dict({**kwargs, "cross_attention_dim": 16})
+  with pytest.raises(convert.CheckpointMismatchError, match="cannot save UNet.*attn2/to_k"):
+    save_unet(tmp_path / "unet", other, params)
+  assert not (tmp_path / "unet").exists()
+
+
 def test_bf16_compute_close_to_fp32(reference, apply_fn):
   name, kwargs, _, folder = reference
   if name != "sd1":

@@ -136,6 +136,22 @@ def test_save_vae_round_trips_through_diffusers(case, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, case.params)
 
 
+def test_save_rejects_params_of_another_config(small, tmp_path):
+  other = dataclasses.replace(small.module.config, latent_channels=8)
+  with pytest.raises(convert.CheckpointMismatchError, match="cannot save VAE.*quant_conv"):
+    vae_io.save_vae(tmp_path / "vae", other, small.params)
+  assert not (tmp_path / "vae").exists()
+
+
+def test_init_params_matches_abstract_params(small):
+  module = vae.AutoencoderKL(small.module.config, param_dtype=jnp.bfloat16)
+  params = layers.init_params(module, jax.random.key(0))
+  abstract = meta.unbox(layers.abstract_params(module))
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(
+      lambda s: (s.shape, s.dtype), abstract)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+
+
 def test_config_round_trip(case):
   config = case.module.config
   raw = json.loads((case.folder / "config.json").read_text())
