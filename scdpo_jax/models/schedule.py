@@ -9,7 +9,6 @@ functions broadcast a (B,) timestep over (B, ...) data, any layout.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
