@@ -1,0 +1,341 @@
+"""One SC-DPO train step against an independent PyTorch transcription (CPU, fp32).
+
+The same batch, timesteps, noise and caption-dropout flags go through a tiny diffusers
+`UNet2DConditionModel` pair (policy and reference with different random weights) and a
+hand-written PyTorch transcription of the loss with the semantics of the public Diffusion-DPO
+`train.py` (Salesforce/DiffusionDPO): per-sample MSE averaged over C, H, W; `model_diff = m_w -
+m_l`, `ref_diff = r_w - r_l` under `no_grad`; `inside = -0.5 * beta * (model_diff - ref_diff)`;
+`loss = -logsigmoid(inside).mean()`; SFT = winner MSE. On top of it the SC-DPO forms written
+from ../shared/docs/method.md 2.2/2.4: cost margin `inside += lam * (C_l - C_w)`, relabelling
+(swap where `r_l - lam C_l > r_w - lam C_w`), dual ascent `lam <- clip(lam + lr (E[C] - d), 0,
+lam_max)` with `E[C] = mean(sigmoid(z) C_w + (1 - sigmoid(z)) C_l)`, and Dynamic Focusing
+`w = (1 - sigmoid(z))^gamma` (detached), `loss = sum(w nll) / sum(w)`.
+
+Compared: our step's loss and metrics, per-pair logits (`micro_batch_terms`) and parameter
+gradients (torch autograd on the diffusers UNet, moved to our layout by
+`scdpo_jax.models.convert`). Gradients are read exactly from the real jitted `train_step`
+through an optimizer whose state is the last gradient.
+
+Tolerance: 1e-5 relative to the largest value compared (fp32). Measured (2-core CPU): loss
+<= 8e-7, per-pair logits <= 6e-6, gradients <= 6e-6 (`pytest -s` prints them per case). Every configuration is compiled once and shared by its cases: gamma is
+ramped (`gamma_ramp_steps`), so one program gives gamma = 0 at step 0 and gamma > 0 later.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scdpo_jax.models import convert, schedule as sch
+from scdpo_jax.models.layers import abstract_params
+from scdpo_jax.models.unet import UNet2DConditionModel
+from scdpo_jax.models.unet_config import UNetConfig
+from scdpo_jax.train import step as step_lib
+from tests.torch_refs import nchw_to_nhwc, nhwc_to_nchw
+
+TOL = 1e-5
+N_PAIRS, SEQ, DIM, SIZE = 8, 7, 32, 8
+UNET = dict(sample_size=SIZE, in_channels=4, out_channels=4, block_out_channels=(32,),
+            layers_per_block=1, cross_attention_dim=DIM, attention_head_dim=4,
+            down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
+# Small beta: the tiny random policy and reference differ by O(0.1) in MSE, so beta = 10 gives
+# logits of order 1 on both sides of 0 (beta = 5000 would saturate every sigmoid).
+BETA = 10.0
+LAM = 1.5
+CAPTION_DROPOUT = 0.3
+GAMMA, RAMP = 2.0, 4  # gamma ramps 0 -> 2 over 4 steps: step 0 gives 0, step 2 gives 1, 4+ give 2
+DUAL = dict(cost_budget=0.2, dual_lr=0.7, lam_max=2.0)
+
+
+def _torch_unet(seed):
+  torch.manual_seed(seed)
+  model = diffusers.UNet2DConditionModel(**UNET)
+  with torch.no_grad():  # random (not zero-initialised) weights everywhere
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  return model.train()
+
+
+class _Models:
+  """Torch policy/reference, our UNet module and both parameter trees, the schedule, a batch."""
+
+  def __init__(self):
+    self.policy_t, self.ref_t = _torch_unet(1), _torch_unet(2)
+    self.scheduler = diffusers.DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+        beta_schedule="scaled_linear", prediction_type="epsilon")
+    self.schedule = sch.schedule_from_config(dict(self.scheduler.config))
+    self.module = UNet2DConditionModel(UNetConfig.from_dict(dict(self.policy_t.config)))
+    self.shapes = abstract_params(self.module)
+    self.params = self.to_flax(self.policy_t.state_dict())
+    self.ref_params = self.to_flax(self.ref_t.state_dict())
+
+    rng = np.random.default_rng(0)
+    n = N_PAIRS
+    harmful = np.array([1, 0] * (n // 2), np.int32)
+    prompts = rng.standard_normal((2, SEQ, DIM)).astype(np.float32)  # one "harmful", one clean
+    self.batch = {
+        "latents_w": rng.standard_normal((n, SIZE, SIZE, 4)).astype(np.float32),
+        "latents_l": rng.standard_normal((n, SIZE, SIZE, 4)).astype(np.float32),
+        "text_states": prompts[1 - harmful] + 0.1 * rng.standard_normal(
+            (n, SEQ, DIM)).astype(np.float32),
+        "is_harmful": harmful,
+        # Harmful pairs (even rows) mostly have a costly loser, one has a costly winner: the
+        # margin takes both signs and relabelling swaps some pairs and keeps others.
+        "cost_w": np.where(harmful, np.repeat([0.1, 0.05, 0.9, 0.1], 2),
+                           0.05 * rng.random(n)).astype(np.float32),
+        "cost_l": np.where(harmful, np.repeat([0.9, 0.8, 0.2, 0.7], 2),
+                           0.05 * rng.random(n)).astype(np.float32),
+        "reward_w": rng.standard_normal(n).astype(np.float32),
+        "reward_l": rng.standard_normal(n).astype(np.float32),
+    }
+    self.empty_states = rng.standard_normal((1, SEQ, DIM)).astype(np.float32)
+
+  def to_flax(self, torch_tree):
+    return convert.torch_to_flax({k: v.detach().cpu().numpy() for k, v in torch_tree.items()},
+                                 self.shapes, source="torch")
+
+
+@pytest.fixture(scope="module")
+def models():
+  # One torch thread: on a small shared CPU, torch's thread pool competing with XLA's makes the
+  # reference 10-50x slower.
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield _Models()
+  torch.set_num_threads(threads)
+
+
+def _capture_grads() -> optax.GradientTransformation:
+  """An optimizer whose state is the last gradient it saw (params stay as they are): reads the
+  exact gradient out of the real jitted train step."""
+  return optax.GradientTransformation(
+      init=lambda params: jax.tree.map(jnp.zeros_like, params),
+      update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+
+
+# ----------------------------------------------------------------------------- PyTorch reference
+
+def torch_step(m: _Models, *, t, noise, drop, lam, gamma, cfg: step_lib.StepConfig,
+               policy=None, reference=None):
+  """Loss, per-pair logits, gradients (torch layout, by parameter name), lambda after the step.
+
+  A transcription of Salesforce/DiffusionDPO train.py (noise and timestep shared by the halves,
+  `model_pred` on the concatenated [winner; loser] batch) plus the SC-DPO forms.
+  """
+  policy = m.policy_t if policy is None else policy
+  reference = m.ref_t if reference is None else reference
+  tt = lambda x: torch.from_numpy(np.array(x))  # a writable copy
+  b = {k: tt(v) for k, v in m.batch.items()}
+  x0_w, x0_l = (tt(nhwc_to_nchw(m.batch[k])) for k in ("latents_w", "latents_l"))
+  cost_w, cost_l = b["cost_w"], b["cost_l"]
+  if cfg.safety_mode == "relabel":
+    swap = (b["reward_l"] - lam * cost_l) > (b["reward_w"] - lam * cost_w)
+    s4 = swap[:, None, None, None]
+    x0_w, x0_l = torch.where(s4, x0_l, x0_w), torch.where(s4, x0_w, x0_l)
+    cost_w, cost_l = torch.where(swap, cost_l, cost_w), torch.where(swap, cost_w, cost_l)
+  # proportion_empty_prompts: dropped pairs condition on the empty prompt's states.
+  states = torch.where(tt(drop)[:, None, None], tt(m.empty_states), b["text_states"])
+
+  latents = torch.cat([x0_w, x0_l])
+  noise = tt(nhwc_to_nchw(np.asarray(noise))).repeat(2, 1, 1, 1)
+  timesteps = tt(t).long().repeat(2)
+  noisy = m.scheduler.add_noise(latents, noise, timesteps)
+  target = noise  # epsilon prediction
+  hidden = states.repeat(2, 1, 1)
+
+  policy.zero_grad()
+  model_pred = policy(noisy, timesteps, encoder_hidden_states=hidden).sample
+  if cfg.loss_type == "sft":
+    half = model_pred.shape[0] // 2
+    loss = F.mse_loss(model_pred[:half].float(), target[:half].float(), reduction="mean")
+    inside = torch.full((half,), float("nan"))
+  else:
+    model_losses = (model_pred.float() - target.float()).pow(2).mean(dim=[1, 2, 3])
+    model_losses_w, model_losses_l = model_losses.chunk(2)
+    model_diff = model_losses_w - model_losses_l
+    with torch.no_grad():
+      ref_pred = reference(noisy, timesteps, encoder_hidden_states=hidden).sample.detach()
+      ref_losses = (ref_pred.float() - target.float()).pow(2).mean(dim=[1, 2, 3])
+      ref_losses_w, ref_losses_l = ref_losses.chunk(2)
+      ref_diff = ref_losses_w - ref_losses_l
+    scale_term = -0.5 * cfg.beta
+    inside = scale_term * (model_diff - ref_diff)
+    if cfg.safety_mode in ("margin", "dual"):
+      inside = inside + lam * (cost_l - cost_w)
+    weight = ((1.0 - torch.sigmoid(inside)) ** gamma).detach()
+    nll = -F.logsigmoid(inside)
+    loss = (weight * nll).sum() / (weight.sum() if cfg.focus_normalize else weight.shape[0])
+  loss.backward()
+  grads = {name: p.grad.detach().clone() for name, p in policy.named_parameters()}
+  new_lam = lam
+  if cfg.safety_mode == "dual":
+    p = torch.sigmoid(inside.detach())
+    expected_cost = (p * cost_w + (1 - p) * cost_l).mean()
+    new_lam = float(torch.clamp(lam + cfg.dual_lr * (expected_cost - cfg.cost_budget), 0.0,
+                                cfg.lam_max))
+  return {"loss": float(loss.detach()), "logit": inside.detach().numpy(), "grads": grads,
+          "lam": new_lam, "nll": None if cfg.loss_type == "sft" else nll.detach().numpy()}
+
+
+# ----------------------------------------------------------------------------- our step, compiled once
+
+CONFIGS = {
+    "none": step_lib.StepConfig(beta=BETA, safety_mode="none", gamma=GAMMA, gamma_ramp_steps=RAMP,
+                                caption_dropout=CAPTION_DROPOUT),
+    # micro-batches of 4 against the torch loss on all 8 pairs: the sum(w) normalisation and the
+    # gradient sum must be exact across micro-batches
+    "relabel_accum2": step_lib.StepConfig(beta=BETA, safety_mode="relabel", gamma=GAMMA,
+                                          gamma_ramp_steps=RAMP, caption_dropout=CAPTION_DROPOUT,
+                                          grad_accum=2),
+    "margin": step_lib.StepConfig(beta=BETA, safety_mode="margin", gamma=GAMMA,
+                                  gamma_ramp_steps=RAMP, caption_dropout=CAPTION_DROPOUT),
+    # with the unnormalised focusing loss sum(w nll) / B
+    "dual_unnorm": step_lib.StepConfig(beta=BETA, safety_mode="dual", gamma=GAMMA,
+                                       gamma_ramp_steps=RAMP, focus_normalize=False,
+                                       caption_dropout=CAPTION_DROPOUT, **DUAL),
+    "sft": step_lib.StepConfig(loss_type="sft", beta=BETA, safety_mode="none",
+                               caption_dropout=CAPTION_DROPOUT),
+}
+REF_GRAD = "margin"  # the config whose program also differentiates terms w.r.t. the reference
+
+
+@functools.cache
+def _compiled(m: _Models, name: str):
+  """One jitted program per config, shared by its cases:
+
+  (state, ref_params, batch, empty_states, randomness, gamma) -> (new_state, metrics, per-pair
+  outputs of `micro_batch_terms` on the whole batch, its gradient w.r.t. the reference params
+  or None).
+  """
+  cfg = CONFIGS[name]
+  kw = dict(apply_fn=m.module.apply, ref_apply_fn=m.module.apply, schedule=m.schedule, cfg=cfg)
+  train_step = step_lib.make_train_step(optimizer=_capture_grads(), **kw)
+
+  def run(state, ref_params, batch, empty_states, rnd, gamma):
+    new_state, metrics = train_step(state, ref_params, batch, empty_states)
+    terms = lambda p, r: step_lib.micro_batch_terms(p, r, {**batch, **rnd}, state.lam, gamma,
+                                                    empty_states=empty_states, **kw)
+    per_pair = terms(state.params, ref_params)[1][1]
+    ref_grad = (jax.grad(lambda r: terms(state.params, r)[0])(ref_params) if name == REF_GRAD
+                else None)
+    return new_state, metrics, per_pair, ref_grad
+
+  return jax.jit(run)
+
+
+def _state(m: _Models, step: int, lam: float, seed: int = 0) -> step_lib.TrainState:
+  return step_lib.TrainState(
+      step=jnp.asarray(step, jnp.int32), params=m.params,
+      opt_state=jax.tree.map(jnp.zeros_like, m.params), lam=jnp.asarray(lam, jnp.float32),
+      skipped=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(seed))
+
+
+def _randomness(m: _Models, state, cfg):
+  """What the step draws: `draw_randomness(fold_in(rng, step), ...)` (the documented contract)."""
+  return step_lib.draw_randomness(jax.random.fold_in(state.rng, state.step), m.batch,
+                                  m.schedule.num_train_timesteps, cfg.caption_dropout)
+
+
+def _rel_err(ours, ref):
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def _grad_err(m: _Models, ours_tree, torch_grads) -> tuple[float, float]:
+  """(max |ours - torch| over all parameters / max |torch grad|, max |torch grad|)."""
+  ref_tree = m.to_flax(torch_grads)
+  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64) - b))),
+                       ours_tree, ref_tree)
+  scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(ref_tree))
+  return max(jax.tree.leaves(diffs)) / scale, scale
+
+
+CASES = [  # (config, step, gamma at that step): gamma ramps 0 -> GAMMA over RAMP steps
+    ("none", 0, 0.0), ("none", RAMP, GAMMA),
+    ("relabel_accum2", 0, 0.0), ("relabel_accum2", RAMP + 3, GAMMA),
+    ("margin", 0, 0.0), ("margin", RAMP // 2, GAMMA / 2),
+    ("dual_unnorm", 0, 0.0), ("dual_unnorm", RAMP, GAMMA),
+    ("sft", 0, 0.0),
+]
+ERRORS = {}  # measured relative errors, printed at the end of the module
+
+
+@pytest.mark.parametrize("name,step,gamma", CASES, ids=[f"{c}-step{s}" for c, s, _ in CASES])
+def test_train_step_matches_torch_reference(models, name, step, gamma):
+  m, cfg = models, CONFIGS[name]
+  state = _state(m, step, LAM, seed=step)
+  rnd = _randomness(m, state, cfg)
+  drop = np.asarray(rnd["drop_caption"])
+  assert 0 < drop.sum() < N_PAIRS, "the draw must drop some captions and keep others"
+
+  new_state, metrics, per_pair, ref_grad = _compiled(m, name)(
+      state, m.ref_params, m.batch, m.empty_states, rnd, jnp.asarray(gamma, jnp.float32))
+  ref = torch_step(m, t=rnd["t"], noise=rnd["noise"], drop=drop, lam=LAM, gamma=gamma, cfg=cfg)
+
+  np.testing.assert_allclose(float(metrics["gamma"]), gamma, rtol=1e-6)
+  assert float(metrics["finite"]) == 1.0
+  errors = {"loss": abs(float(metrics["objective"]) - ref["loss"]) / abs(ref["loss"])}
+  errors["grads"], grad_scale = _grad_err(m, new_state.opt_state, ref["grads"])
+  if cfg.loss_type == "dpo":
+    errors["logits"] = _rel_err(per_pair["logit"], ref["logit"])
+    np.testing.assert_allclose(float(metrics["loss/all"]), ref["nll"].mean(), rtol=TOL)
+    np.testing.assert_array_equal(np.asarray(per_pair["implicit_acc"]),
+                                  (ref["logit"] > 0).astype(np.float32))
+    np.testing.assert_allclose(float(metrics["implicit_acc/all"]), (ref["logit"] > 0).mean())
+    assert np.abs(ref["logit"]).max() < 10, "the logits must not saturate the sigmoid"
+  ERRORS[f"{name}-step{step}"] = errors
+  for key, err in errors.items():
+    assert err <= TOL, f"{name} step {step}: {key} relative error {err:.2e} > {TOL}"
+  assert grad_scale > 1e-3
+
+  lam_after = float(new_state.lam)
+  if cfg.safety_mode == "dual":
+    assert lam_after != LAM, "the dual variable must move"
+    np.testing.assert_allclose(lam_after, ref["lam"], rtol=TOL)
+  else:
+    assert lam_after == LAM
+
+  if ref_grad is not None:
+    # The frozen reference gets no gradient even when differentiated (a LoRA policy will share
+    # its base weights with the reference): exactly zero, not just small.
+    worst = max(float(np.max(np.abs(np.asarray(g)))) for g in jax.tree.leaves(ref_grad))
+    assert worst == 0.0, f"gradient reaches the reference UNet (max {worst:.2e})"
+
+
+def test_batch_exercises_every_branch(models):
+  """The cases above are not vacuous: relabelling swaps some pairs and keeps others, the margin
+  takes both signs."""
+  b = models.batch
+  swap = (b["reward_l"] - LAM * b["cost_l"]) > (b["reward_w"] - LAM * b["cost_w"])
+  assert 0 < swap.sum() < N_PAIRS
+  margin = LAM * (b["cost_l"] - b["cost_w"])
+  assert (margin > 0.5).any() and (margin < -0.5).any()
+
+
+def test_randomness_is_per_step_and_in_range(models):
+  rnd = _randomness(models, _state(models, 3, LAM), CONFIGS["none"])
+  t = np.asarray(rnd["t"])
+  assert rnd["noise"].shape == models.batch["latents_w"].shape and t.shape == (N_PAIRS,)
+  assert t.min() >= 0 and t.max() < 1000 and len(set(t.tolist())) > 1
+  other = _randomness(models, _state(models, 4, LAM), CONFIGS["none"])
+  assert not np.array_equal(np.asarray(other["noise"]), np.asarray(rnd["noise"]))
+
+
+def test_print_measured_errors():
+  """Runs last in this module: prints the measured errors (pytest -s, or -rA) for the README."""
+  assert ERRORS, "the reference cases did not run"
+  worst = {}
+  for case, errs in ERRORS.items():
+    print(case, " ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    for k, v in errs.items():
+      worst[k] = max(worst.get(k, 0.0), v)
+  print("worst:", " ".join(f"{k} {v:.1e}" for k, v in worst.items()))
