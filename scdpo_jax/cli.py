@@ -11,6 +11,7 @@ import their siblings (`from configs import default`): the folder holding `confi
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -49,17 +50,52 @@ def _add_config_root_to_path(argv: list[str]) -> None:
     sys.path.insert(0, str(folder.parent))
 
 
+def _overrides(argv: list[str]) -> list[str]:
+  return [a for a in argv[1:] if a.startswith("--config.")]
+
+
+def _one_line_config_error(exc: BaseException, argv: list[str]) -> str:
+  text = str(exc.args[0] if exc.args else exc).replace("\\n", " ").replace("\n", " ")
+  text = " ".join(text.replace("\\'", "'").split()).strip("'\" ")
+  key = re.match(r"'?([\w.]+)'?\s*(.*)", text)
+  if key and key.group(2).startswith("Did you mean"):
+    text = f"unknown key {key.group(1)!r}. {key.group(2)}"
+  given = " ".join(_overrides(argv)) or "(none)"
+  return f"error: a config override was rejected: {text} (overrides: {given})"
+
+
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
     handler.addFilter(_QuietLibraries())
+  from absl import logging as absl_logging
   from scdpo_jax import jobs
 
-  jobs.run(FLAGS.config, FLAGS.workdir)
+  absl_logging.info("config %s, workdir %s, overrides: %s", _config_path(sys.argv),
+                    FLAGS.workdir, " ".join(_overrides(sys.argv)) or "(none)")
+  from scdpo_jax.errors import ConfigError, UserError
+  try:
+    result = jobs.run(FLAGS.config, FLAGS.workdir)
+  except UserError as e:
+    absl_logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2 if isinstance(e, ConfigError) else 1)
+  if isinstance(result, dict) and result.get("preempted"):
+    absl_logging.warning("interrupted; the state is saved: rerun the same command to resume "
+                         "(exit status %d)", jobs.EXIT_INTERRUPTED)
+    sys.exit(jobs.EXIT_INTERRUPTED)
 
 
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   _add_config_root_to_path(argv)
-  app.run(_main, argv=argv)
+  try:  # parse here so that a bad flag or override is one line, not a traceback
+    FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    print(_one_line_config_error(e, argv), file=sys.stderr)
+    sys.exit(2)
+  app.run(_main, argv=argv[:1])  # flags are parsed: absl sets up logging and runs the job

@@ -1,4 +1,10 @@
-"""Jobs that `main.py` runs, selected by `config.job`; each lives in its own module."""
+"""Jobs that `main.py` runs, selected by `config.job`; each lives in its own module.
+
+Every job runs with an exclusive lock on its workdir (`scdpo_jax.lock`). A job interrupted by
+SIGTERM or Ctrl-C that saved its state returns `{"preempted": True, ...}`; the command line then
+exits with `EXIT_INTERRUPTED` (75, EX_TEMPFAIL: "rerun the same command to resume"), which a
+scheduler can tell from success (0) and from a crash (1).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,10 @@ import importlib
 from pathlib import Path
 
 import ml_collections
+
+from scdpo_jax import lock, parallel
+
+EXIT_INTERRUPTED = 75
 
 # job name -> "module:function"; imported lazily so a job pays only for what it uses.
 JOBS = {
@@ -22,5 +32,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     raise ValueError(f"config.job={config.job!r} is not a known job; known: {sorted(JOBS)}")
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  parallel.initialize_distributed(config.get("distributed"))  # before the first JAX call
   module, func = JOBS[config.job].split(":")
-  return getattr(importlib.import_module(module), func)(config, workdir)
+  job = getattr(importlib.import_module(module), func)
+  with lock.ProcessZeroLock(workdir):
+    return job(config, workdir)

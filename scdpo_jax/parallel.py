@@ -30,6 +30,8 @@ import flax.linen as nn
 from flax.core import meta
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from scdpo_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis (or tuple of axes, or None). Kept as data: configs override them.
@@ -57,10 +59,29 @@ def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
       axes = tuple(axes)
     for ax in (axes if isinstance(axes, tuple) else (axes,)):
       if ax is not None and ax not in MESH_AXES:
-        raise ValueError(f"sharding rule {name!r} -> {axes!r}: unknown mesh axis {ax!r}; "
+        raise ConfigError(f"sharding rule {name!r} -> {axes!r}: unknown mesh axis {ax!r}; "
                          f"mesh axes are {MESH_AXES}")
     out.append((name, axes))
   return tuple(out)
+
+
+_DISTRIBUTED_INITIALIZED = False
+
+
+def initialize_distributed(dist) -> None:
+  """`jax.distributed.initialize` when the config asks (explicit coordinator, or auto-detection
+  on pods / SLURM); once per process, before any other JAX call."""
+  global _DISTRIBUTED_INITIALIZED
+  if _DISTRIBUTED_INITIALIZED or dist is None:
+    return
+  if dist.coordinator_address:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=dist.coordinator_address,
+                               num_processes=dist.num_processes, process_id=dist.process_id)
+    _DISTRIBUTED_INITIALIZED = True
+  elif dist.auto:
+    jax.distributed.initialize()
+    _DISTRIBUTED_INITIALIZED = True
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
@@ -70,16 +91,16 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   sizes = [data, fsdp, tensor]
   n = len(devices)
   if sizes.count(-1) > 1:
-    raise ValueError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} "
+    raise ConfigError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} "
                      f"tensor={tensor}")
   if -1 in sizes:
     known = math.prod(s for s in sizes if s != -1)
     if n % known:
-      raise ValueError(f"mesh: {n} devices do not divide into axes of size {known} "
+      raise ConfigError(f"mesh: {n} devices do not divide into axes of size {known} "
                        f"(data={data} fsdp={fsdp} tensor={tensor})")
     sizes[sizes.index(-1)] = n // known
   if math.prod(sizes) != n:
-    raise ValueError(f"mesh: data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
+    raise ConfigError(f"mesh: data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = "
                      f"{math.prod(sizes)} devices, but {n} are available")
   try:
     from jax.experimental import mesh_utils
@@ -100,7 +121,7 @@ def batch_axes(rules=DEFAULT_RULES) -> tuple[str, ...]:
       if axes is None:
         return ()
       return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
-  raise ValueError("sharding rules have no 'batch' entry; add e.g. ('batch', ('data', 'fsdp'))")
+  raise ConfigError("sharding rules have no 'batch' entry; add e.g. ('batch', ('data', 'fsdp'))")
 
 
 def batch_divisor(mesh: Mesh, rules=DEFAULT_RULES) -> int:
@@ -113,10 +134,10 @@ def check_batch_fits(global_batch: int, mesh: Mesh, what: str = "batch",
   d = batch_divisor(mesh, rules)
   axes = " x ".join(batch_axes(rules)) or "(none)"
   if global_batch % d:
-    raise ValueError(f"{what} of {global_batch} does not divide over the mesh's batch axes "
+    raise ConfigError(f"{what} of {global_batch} does not divide over the mesh's batch axes "
                      f"{axes} = {d} (mesh {dict(mesh.shape)}); use a multiple of {d}")
   if global_batch % jax.process_count():
-    raise ValueError(f"{what} of {global_batch} does not divide over {jax.process_count()} "
+    raise ConfigError(f"{what} of {global_batch} does not divide over {jax.process_count()} "
                      "processes")
 
 

@@ -13,16 +13,18 @@ import json
 import signal
 import time
 from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from scdpo_jax import parallel
+from scdpo_jax import files, parallel
+from scdpo_jax.errors import ConfigError
 from scdpo_jax.data.batch import PAIR_KEYS
 from scdpo_jax.models import pipeline, tokenizer, unet_io
-from scdpo_jax.train import optim, state as state_lib
+from scdpo_jax.train import optim, resume, state as state_lib
 from scdpo_jax.train.checkpoint import Checkpointer
 from scdpo_jax.train.metrics_writer import MetricsWriter
 from scdpo_jax.train.step import make_train_step
@@ -41,17 +43,29 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Everything that can be checked before loading weights or compiling."""
   t = config.train
   state_lib.step_config(t).validate()
+  for key, value, ok, want in (
+      ("train.lam", t.lam, t.lam >= 0, ">= 0"), ("optimizer.lr", config.optimizer.lr,
+                                                 config.optimizer.lr > 0, "> 0"),
+      ("train.pairs_per_step", t.pairs_per_step, t.pairs_per_step > 0, "> 0"),
+      ("train.num_steps", t.num_steps, t.num_steps >= 0, ">= 0"),
+      ("optimizer.max_grad_norm", config.optimizer.max_grad_norm,
+       config.optimizer.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
+      ("checkpoint.every_steps", config.checkpoint.every_steps,
+       config.checkpoint.every_steps > 0, "> 0"),
+      ("log.every_steps", config.log.every_steps, config.log.every_steps > 0, "> 0")):
+    if not ok:
+      raise ConfigError(f"{key} must be {want}, got {value}")
   if t.pairs_per_step % t.grad_accum:
-    raise ValueError(f"train.pairs_per_step={t.pairs_per_step} is not a multiple of "
+    raise ConfigError(f"train.pairs_per_step={t.pairs_per_step} is not a multiple of "
                      f"train.grad_accum={t.grad_accum}")
   parallel.check_batch_fits(t.pairs_per_step // t.grad_accum, mesh,
                             what=f"micro-batch (pairs_per_step / grad_accum = "
                                  f"{t.pairs_per_step}/{t.grad_accum})",
                             rules=parallel.rules_from_config(config.sharding_rules))
   if config.data.source not in DATA_SOURCES:
-    raise ValueError(f"data.source={config.data.source!r}; supported: {DATA_SOURCES}")
+    raise ConfigError(f"data.source={config.data.source!r}; supported: {DATA_SOURCES}")
   if not config.model.pretrained and config.model.get("tiny") is None:
-    raise ValueError("model.pretrained must name a diffusers-format Stable Diffusion folder "
+    raise ConfigError("model.pretrained must name a diffusers-format Stable Diffusion folder "
                      "(--config.model.pretrained=/path/to/stable-diffusion-v1-5)")
   if config.model.pretrained:
     pipeline.check_pipeline_folder(config.model.pretrained,
@@ -59,16 +73,6 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   if config.data.source == "tfds":
     from scdpo_jax.data import loader as tfds_loader
     tfds_loader.check_pair_dataset(config.data)
-
-
-def maybe_initialize_distributed(dist: ml_collections.ConfigDict) -> None:
-  """`jax.distributed.initialize` when asked (explicit coordinator, or auto-detect on pods)."""
-  if dist.coordinator_address:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=dist.coordinator_address,
-                               num_processes=dist.num_processes, process_id=dist.process_id)
-  elif dist.auto:
-    jax.distributed.initialize()
 
 
 # ------------------------------------------------------------------------------ model and data
@@ -145,33 +149,49 @@ def peak_flops(config) -> float | None:
 
 # ------------------------------------------------------------------------------ the job
 
-class _Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary and exits."""
+class Interruption:
+  """SIGTERM or a first Ctrl-C (SIGINT) sets a flag: the loop saves a checkpoint at the next step
+  boundary and stops (the job then exits with `EXIT_INTERRUPTED`). A second Ctrl-C aborts at
+  once, without a checkpoint."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested: str | None = None
+    self._previous: dict = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-    except ValueError:  # not the main thread
-      self._previous = None
+    for sig in self.SIGNALS:
+      try:
+        self._previous[sig] = signal.signal(sig, self._handler)
+      except ValueError:  # not the main thread
+        pass
     return self
 
   def _handler(self, signum, frame):
-    logging.warning("SIGTERM received: saving a checkpoint and stopping")
-    self.requested = True
+    name = signal.Signals(signum).name
+    if self.requested and signum == signal.SIGINT:
+      logging.warning("second SIGINT: stopping now, without a checkpoint")
+      raise KeyboardInterrupt
+    logging.warning("%s received: saving a checkpoint at the end of this step, then stopping "
+                    "(Ctrl-C again to abort at once)", name)
+    self.requested = name
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _data_identity(source) -> dict:
+  """What the pair source says identifies its data (beyond the config's data keys), if anything."""
+  identity = getattr(source, "identity", None)
+  return dict(identity()) if callable(identity) else {}
 
 
 def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> dict:
   """Train; `pair_source` overrides the config's data source (any `data.batch.PairSource`)."""
   workdir = Path(workdir)
-  maybe_initialize_distributed(config.distributed)
+  parallel.initialize_distributed(config.distributed)
   mesh = parallel.mesh_from_config(config.mesh)
   check_config(config, mesh)
   t = config.train
@@ -183,17 +203,25 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
       folder, ("unet", "text_encoder", "tokenizer", "scheduler"),
       dtype=jnp.float32, param_dtype=jnp.float32)
   source = pair_source if pair_source is not None else make_pair_source(config, sd)
-  empty_states = encode_prompts(sd, [""], config.model.text_layer)
 
   policy, reference = state_lib.make_unets(config.model, sd.unet.config)
   optimizer = optim.make_optimizer(config.optimizer, t.num_steps, t.pairs_per_step)
   spec = state_lib.train_state_spec(config, mesh, policy, reference, optimizer)
+  allow = [a for a in str(config.get("resume", {}).get("allow_changes", "")).split(",") if a]
+  accepted = resume.check_resume(
+      workdir, resume.run_fingerprint(config, folder, spec.abstract_state,
+                                      _data_identity(source)), allow)
+  for line in accepted:
+    logging.warning("resuming with a changed setting (allowed by resume.allow_changes): %s", line)
+  empty_states = encode_prompts(sd, [""], config.model.text_layer)
+
   ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                       async_save=config.checkpoint.async_save)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, ckpt_meta = ckpt.restore(latest, spec.abstract_state_with_shardings())
-    logging.info("resumed from step %d (data position %d pairs)", latest,
+  restored = ckpt.restore_latest(spec.abstract_state_with_shardings())
+  fallbacks: list[str] = []
+  if restored is not None:
+    state, ckpt_meta, fallbacks = restored
+    logging.info("resumed from step %d (data position %d pairs)", ckpt_meta["step"],
                  ckpt_meta["data_position"])
   else:
     state = state_lib.init_train_state(spec, optimizer, sd.unet_params, config)
@@ -201,6 +229,15 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
   del sd.unet_params
 
   start = int(state.step)
+  if start >= t.num_steps:
+    logging.info("the run in %s is already finished (step %d of %d); nothing to do", workdir,
+                 start, t.num_steps)
+    ckpt.close()
+    previous = workdir / "train_result.json"
+    result = json.loads(previous.read_text()) if previous.is_file() else {
+        "start_step": start, "end_step": start, "losses": []}
+    result.update(already_finished=True, preempted=False, state=state)
+    return result
   example = source.batch(start, t.pairs_per_step)
   train_step = make_train_step(apply_fn=policy.apply, ref_apply_fn=reference.apply,
                                optimizer=optimizer, schedule=sd.schedule,
@@ -212,12 +249,13 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
   empty = jax.device_put(empty_states, parallel.replicated(mesh))
   peak = peak_flops(config)
 
-  writer = MetricsWriter(workdir, t.num_steps, tensorboard=config.log.tensorboard)
+  writer = MetricsWriter(workdir, t.num_steps, tensorboard=config.log.tensorboard,
+                         start_step=start)
   config_json = json.loads(config.to_json_best_effort())
   losses = []
   last_metrics: dict = {}
   window_t0, window_steps = time.time(), 0
-  with _Preemption() as preempt:
+  with Interruption() as interruption:
     step = start
     while step < t.num_steps:
       local = source.batch(step, t.pairs_per_step)
@@ -240,22 +278,24 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
         writer.progress(step, metrics, steps_per_s)
         last_metrics = metrics
         window_t0, window_steps = time.time(), 0
-      stop = preempt.requested
+      stop = interruption.requested is not None
       if step % config.checkpoint.every_steps == 0 or step == t.num_steps or stop:
         ckpt.save(step, state, {"step": step, "data_position": step * t.pairs_per_step,
                                 "skipped": int(state.skipped)}, config_json, force=True)
       if stop:
         break
-  ckpt.close()
+    ckpt.close()
   writer.close()
   losses = [float(x) for x in jax.device_get(losses)]
   result = {"start_step": start, "end_step": step, "losses": losses,
             "skipped": int(state.skipped), "compile_s": compile_s,
-            "preempted": bool(preempt.requested),
+            "preempted": interruption.requested is not None,
+            "interrupted_by": interruption.requested,
+            "restore_fallbacks": fallbacks,
             "last_metrics": {k: (None if v is None else float(v))
                              for k, v in last_metrics.items()}}
   if jax.process_index() == 0:
-    (workdir / "train_result.json").write_text(json.dumps(result, indent=2))
+    files.write_json(workdir / "train_result.json", result)
   result["state"] = state  # for callers in Python; not part of the JSON
   if config.train.export_at_end and step == t.num_steps:
     from jax.experimental import multihost_utils

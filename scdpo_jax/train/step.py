@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from scdpo_jax.errors import ConfigError
 from scdpo_jax.models import schedule as sch
 from scdpo_jax.train import losses as L
 
@@ -69,13 +70,20 @@ class StepConfig:
 
   def validate(self) -> None:
     if self.loss_type not in LOSS_TYPES:
-      raise ValueError(f"train.loss_type={self.loss_type!r}; supported: {LOSS_TYPES}")
+      raise ConfigError(f"train.loss_type={self.loss_type!r}; supported: {LOSS_TYPES}")
     if self.safety_mode not in SAFETY_MODES:
-      raise ValueError(f"train.safety_mode={self.safety_mode!r}; supported: {SAFETY_MODES}")
+      raise ConfigError(f"train.safety_mode={self.safety_mode!r}; supported: {SAFETY_MODES}")
     if not 0.0 <= self.caption_dropout < 1.0:
-      raise ValueError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+      raise ConfigError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
     if self.grad_accum < 1:
-      raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+      raise ConfigError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+    for name in ("beta", "dual_lr", "lam_max"):
+      value = getattr(self, name)
+      if not (value > 0 if name == "beta" else value >= 0) or value != value:
+        raise ConfigError(f"train.{name} must be {'> 0' if name == 'beta' else '>= 0'}, got {value}")
+    for name in ("gamma", "gamma_start", "gamma_ramp_steps"):
+      if not getattr(self, name) >= 0:
+        raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 
 
 def _tree_norm(tree) -> jax.Array:

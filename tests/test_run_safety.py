@@ -1,0 +1,166 @@
+"""Runs that cannot go silently wrong: resume fingerprint, workdir lock, damaged checkpoints,
+metrics after resume, interruption exit status, one-line config errors (tiny UNet, CPU)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scdpo_jax import jobs, lock
+from scdpo_jax.errors import ConfigError
+from scdpo_jax.train import loop, resume
+from scdpo_jax.train.checkpoint import Checkpointer
+from tests.train_utils import ROOT, build_tiny_base, tiny_train_config
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+  return str(build_tiny_base(tmp_path_factory.mktemp("base")))
+
+
+def _config(base, **overrides):
+  return tiny_train_config(**{"model.pretrained": base, **overrides})
+
+
+def _metrics(workdir: Path) -> list[dict]:
+  return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_refuses_changed_settings_and_names_them(base, tmp_path):
+  loop.run(_config(base, **{"train.num_steps": 2}), tmp_path)
+  with pytest.raises(resume.ResumeMismatchError) as err:
+    loop.run(_config(base, **{"train.num_steps": 3, "train.beta": 60.0,
+                              "train.safety_mode": "none"}), tmp_path)
+  text = str(err.value)
+  assert "config.train.beta: 50.0 -> 60.0" in text
+  assert 'config.train.safety_mode: "margin" -> "none"' in text
+  assert "resume.allow_changes=train.beta,train.safety_mode" in text
+  # a changed model folder: same architecture, other weights
+  other = tmp_path / "other_base"
+  shutil.copytree(base, other)
+  weights = other / "unet" / "diffusion_pytorch_model.safetensors"
+  data = bytearray(weights.read_bytes())
+  data[-4:] = b"\x00\x00\x80\x3f"
+  weights.write_bytes(bytes(data))
+  with pytest.raises(resume.ResumeMismatchError) as err:
+    loop.run(_config(str(other), **{"train.num_steps": 3}), tmp_path)
+  assert "base_model.unet/diffusion_pytorch_model.safetensors" in str(err.value)
+  assert "config.model.pretrained" in str(err.value)
+  # allowed: more steps; accepted on request: beta
+  result = loop.run(_config(base, **{"train.num_steps": 3, "train.beta": 60.0,
+                                     "resume.allow_changes": "train.beta"}), tmp_path)
+  assert result["start_step"] == 2 and result["end_step"] == 3
+
+
+def test_invalid_hyper_parameters_are_refused_before_loading(base, tmp_path):
+  for key, value in (("train.beta", -5.0), ("train.lam", -1.0), ("optimizer.lr", 0.0),
+                     ("train.gamma", -1.0)):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+      loop.run(_config(base, **{key: value}), tmp_path)
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_workdir_lock_names_the_holder_and_a_dead_holder_never_blocks(base, tmp_path):
+  (tmp_path / lock.LOCK_NAME).write_text('{"pid": 1, "host": "gone", "started": "x"}')
+  with lock.WorkdirLock(tmp_path):  # a lock file left behind by a killed run: no flock held
+    config = _config(base)
+    with pytest.raises(lock.WorkdirLockedError, match=f"pid {os.getpid()} on .*started"):
+      jobs.run(config, str(tmp_path))
+  # a process killed while holding the lock
+  holder = subprocess.Popen([sys.executable, "-c", (
+      "import sys, time; sys.path.insert(0, sys.argv[1]);"
+      "from scdpo_jax.lock import WorkdirLock; l = WorkdirLock(sys.argv[2]); l.acquire();"
+      "print('locked', flush=True); time.sleep(600)"), str(ROOT), str(tmp_path)],
+      stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "locked"
+  with pytest.raises(lock.WorkdirLockedError, match=f"pid {holder.pid}"):
+    lock.WorkdirLock(tmp_path).acquire()
+  holder.kill()
+  holder.wait()
+  with lock.WorkdirLock(tmp_path):
+    pass
+
+
+def test_damaged_checkpoints_fall_back_to_the_newest_readable_one(base, tmp_path):
+  config = _config(base, **{"train.num_steps": 4, "checkpoint.every_steps": 2})
+  loop.run(config, tmp_path)
+  ckpt_dir = tmp_path / "checkpoints"
+  for path in (ckpt_dir / "4" / "state").rglob("*"):
+    if path.is_file() and path.stat().st_size > 0:
+      path.write_bytes(b"garbage")
+  (ckpt_dir / "50").mkdir()  # a stray folder named like a step
+  result = loop.run(_config(base, **{"train.num_steps": 5, "checkpoint.every_steps": 2}),
+                    tmp_path)
+  assert result["start_step"] == 2 and result["end_step"] == 5
+  saved = json.loads((tmp_path / "train_result.json").read_text())
+  fallbacks = saved["restore_fallbacks"]
+  assert len(fallbacks) == 4, fallbacks
+  assert "checkpoints/50 cannot be read" in fallbacks[0]
+  assert "checkpoints/4 cannot be read" in fallbacks[1]
+  assert all("moved the unreadable" in line for line in fallbacks[2:])
+  aside = sorted(p.name.split(".")[0] for p in (tmp_path / "checkpoints_unreadable").iterdir())
+  assert aside == ["4", "50"]  # set aside, not deleted
+  assert Checkpointer(ckpt_dir).all_steps() == [2, 4, 5][-config.checkpoint.keep:]
+  assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3, 4, 5]
+
+
+def test_metrics_after_resume_equal_an_uninterrupted_run(base, tmp_path):
+  straight = tmp_path / "straight"
+  loop.run(_config(base, **{"train.num_steps": 4}), straight)
+  cut = tmp_path / "cut"
+  loop.run(_config(base, **{"train.num_steps": 3, "checkpoint.every_steps": 2}), cut)
+  shutil.rmtree(cut / "checkpoints" / "3")  # as if killed after step 3 was logged
+  first = json.loads((cut / "train_result.json").read_text())
+  loop.run(_config(base, **{"train.num_steps": 4, "checkpoint.every_steps": 2}), cut)
+  rows, want = _metrics(cut), _metrics(straight)
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  for key in ("objective", "loss/all", "grad_norm", "logit/harmful"):
+    np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in want], atol=1e-6,
+                               err_msg=key)
+  # a rerun of the finished run keeps its result
+  finished = json.loads((cut / "train_result.json").read_text())
+  again = loop.run(_config(base, **{"train.num_steps": 4}), cut)
+  assert again["already_finished"]
+  assert json.loads((cut / "train_result.json").read_text()) == finished
+  assert finished["losses"] and first["losses"]
+
+
+def _cli(args, cwd=ROOT, **kwargs):
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_unknown_override_is_one_line_with_a_suggestion(tmp_path):
+  proc = _cli(["--config", str(ROOT / "configs" / "scdpo_tiny.py"), "--workdir",
+               str(tmp_path), "--config.train.betaa=1"])
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 2
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert lines == ["error: a config override was rejected: unknown key 'betaa'. Did you mean "
+                   "\"beta\" instead of \"betaa\"? (overrides: --config.train.betaa=1)"]
+
+
+def test_ctrl_c_saves_then_exits_with_the_interrupted_status(base, tmp_path):
+  proc = _cli(["--config", str(ROOT / "configs" / "scdpo_tiny.py"), "--workdir",
+               str(tmp_path), f"--config.model.pretrained={base}", "--config.train.num_steps=100000",
+               "--config.log.every_steps=1", "--config.checkpoint.every_steps=100000"])
+  deadline = time.time() + 600
+  while not (tmp_path / "metrics.jsonl").is_file() or not _metrics(tmp_path):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == jobs.EXIT_INTERRUPTED, err[-3000:]
+  assert "overrides: --config.model.pretrained=" in err
+  step = Checkpointer(tmp_path / "checkpoints").latest_step()
+  assert step is not None and step >= 1
+  result = json.loads((tmp_path / "train_result.json").read_text())
+  assert result["interrupted_by"] == "SIGINT" and result["end_step"] == step
