@@ -14,6 +14,7 @@ from pathlib import Path
 import ml_collections
 
 from scdpo_jax import lock, parallel
+from scdpo_jax.errors import ConfigError
 
 EXIT_INTERRUPTED = 75
 
@@ -29,7 +30,7 @@ JOBS = {
 
 def run(config: ml_collections.ConfigDict, workdir: str):
   if config.job not in JOBS:
-    raise ValueError(f"config.job={config.job!r} is not a known job; known: {sorted(JOBS)}")
+    raise ConfigError(f"config.job={config.job!r} is not a known job; known: {sorted(JOBS)}")
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   parallel.initialize_distributed(config.get("distributed"))  # before the first JAX call
