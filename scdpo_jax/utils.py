@@ -8,10 +8,17 @@ import numpy as np
 
 
 def save_image_grid(images: np.ndarray, path, columns: int | None = None) -> Path:
-  """Save (B, H, W, 3) images in [-1, 1] as one PNG grid (`columns` per row, default all)."""
+  """Save (B, H, W, C) images as one PNG grid (`columns` per row, default all; white padding).
+
+  uint8 images are written as they are; float images are taken to be in [-1, 1] and converted
+  with `data.images.to_uint8` (rounded, as every image the package writes)."""
   from PIL import Image
 
-  images = np.clip((np.asarray(images, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+  from scdpo_jax.data.images import to_uint8
+
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    images = to_uint8(images)
   b, h, w, c = images.shape
   columns = columns or b
   rows = -(-b // columns)

@@ -1,10 +1,13 @@
 """Host-side image helpers: encoded bytes <-> uint8 arrays, resizing, value ranges.
 
 Conventions: decoded images are uint8 (H, W, 3) RGB, channels-last. Model images are float32
-(..., H, W, 3) in [-1, 1] (`x = u8 / 127.5 - 1`), the VAE's input range. Resizing follows the
-Stable Diffusion training recipes (torchvision `Resize(size)` + `CenterCrop(size)`): scale the
-shorter side to `size` with bicubic interpolation, then crop the centre square. This is also what
-`CLIPImageProcessor` does before normalising.
+(..., H, W, 3) in [-1, 1] (`x = u8 / 127.5 - 1`), the VAE's input range. `to_model_range` and
+`to_uint8` are the package's one pair of conversions between the two (the samplers, the metrics,
+the grids and ShapeWorld all use them); `to_uint8` rounds half to even and is bit-identical to
+diffusers' `numpy_to_pil((x / 2 + 0.5).clamp(0, 1))`, and uint8 -> float -> uint8 is exact.
+Resizing follows the Stable Diffusion training recipes (torchvision `Resize(size)` +
+`CenterCrop(size)`): scale the shorter side to `size` with bicubic interpolation, then crop the
+centre square. This is also what `CLIPImageProcessor` does before normalising.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-  """float [-1, 1] -> uint8 [0, 255] (clipped, rounded)."""
+  """float [-1, 1] -> uint8 [0, 255]: round((x + 1) * 127.5) half to even, clipped (any leading
+  shape)."""
   return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
