@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from scdpo_jax import files
 from scdpo_jax.utils import save_image_grid
 
 
@@ -22,13 +23,14 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   """Load (or build tiny random) SD components, run text -> UNet -> VAE once, report.
 
   With `config.model.pretrained` set, this checks a user's diffusers folder end to end before a
-  long run. Without it, a tiny random pipeline of our own classes is built, exported in diffusers
-  format to `<workdir>/tiny_pipeline` and loaded back through the same loader.
+  long run. Without it, the tiny random pipeline of `config.model.tiny` (`models/tiny.py`) is
+  exported in diffusers format to `<workdir>/tiny_pipeline` (once) and loaded back through the
+  same loader.
   """
   import jax
   import jax.numpy as jnp
 
-  from scdpo_jax.models import pipeline, schedule, tokenizer, vae
+  from scdpo_jax.models import pipeline, schedule, tiny, tokenizer, vae
 
   mc = config.model
   dtype = jnp.dtype(mc.dtype)
@@ -36,15 +38,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   if mc.pretrained:
     folder = Path(mc.pretrained)
   else:
-    tiny = mc.tiny
-    tok_dir = tokenizer.write_byte_level_tokenizer(workdir / "tiny_tokenizer",
-                                                   tiny.text_encoder.max_position_embeddings)
-    sd = pipeline.random_stable_diffusion(tiny.unet.to_dict(), tiny.vae.to_dict(),
-                                          tiny.text_encoder.to_dict(), tiny.scheduler.to_dict(),
-                                          tok_dir, seed=config.seed)
-    folder = pipeline.save_stable_diffusion(workdir / "tiny_pipeline", sd)
-    logging.info("built a tiny random pipeline in %.1fs and exported it to %s",
-                 time.time() - t0, folder)
+    folder = tiny.tiny_pipeline_folder(mc.tiny, workdir / "tiny_pipeline", config.seed)
+    logging.info("tiny random pipeline in %s (%.1fs)", folder, time.time() - t0)
   t0 = time.time()
   sd = pipeline.load_stable_diffusion(folder, dtype=dtype, attention_impl=mc.attention_impl)
   load_s = time.time() - t0
@@ -87,7 +82,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
       "run_s": round(step_s, 3),
   }
   save_image_grid(np.asarray(image, np.float32), workdir / "inspect_x0_prediction.png")
-  (workdir / "inspect.json").write_text(json.dumps(report, indent=2))
+  files.write_json(workdir / "inspect.json", report)
   logging.info("inspect report: %s", json.dumps(report))
   print(json.dumps(report, indent=2))
   if not report["finite"]:
