@@ -66,26 +66,29 @@ class CostAdapter(nn.Module):
     return nn.Dense(1, name="out")(x)[:, 0]
 
 
-def make_embedder(vision_module, vision_params: Any, *, batch_size: int = 64, mesh=None
-                  ) -> Callable[[np.ndarray], np.ndarray]:
+def make_embedder(vision_module, vision_params: Any, *, batch_size: int = 64, mesh=None,
+                  rules=None) -> Callable[[np.ndarray], np.ndarray]:
   """A host function: float (N, H, W, 3) in [-1, 1] -> float32 (N, D) embeddings.
 
   Runs one jitted function per input resolution on batches of `batch_size` (rounded up to the
-  mesh's batch divisor; the last batch padded), inputs sharded over the mesh's batch axes and
-  the tower's weights placed by their logical axis rules.
+  mesh's batch divisor; the last batch padded), inputs sharded over the mesh axes of the rules'
+  `batch` entry, the tower's weights placed by their logical axis names and the tower traced
+  under `rules` (default `parallel.DEFAULT_RULES`), so its activation constraints apply. The
+  default mesh is this process's devices.
   """
   from scdpo_jax import parallel
   from scdpo_jax.models import layers
 
+  rules = parallel.rules_from_config(parallel.DEFAULT_RULES if rules is None else rules)
   mesh = mesh if mesh is not None else parallel.make_mesh(devices=jax.local_devices())
-  divisor = parallel.batch_divisor(mesh)
+  divisor = parallel.batch_divisor(mesh, rules)
   batch_size = -(-int(batch_size) // divisor) * divisor
-  shardings = parallel.logical_shardings(layers.abstract_params(vision_module), mesh,
-                                         parallel.DEFAULT_RULES)
+  shardings = parallel.logical_shardings(layers.abstract_params(vision_module), mesh, rules)
   params = jax.device_put(vision_params, shardings)
-  fn = jax.jit(lambda p, x: tower_embedding(vision_module, p, x),
-               in_shardings=(shardings, parallel.batch_sharding(mesh, 4)),
-               out_shardings=parallel.batch_sharding(mesh, 2))
+  fn = jax.jit(parallel.with_logical_rules(
+      lambda p, x: tower_embedding(vision_module, p, x), mesh, rules),
+      in_shardings=(shardings, parallel.batch_sharding(mesh, 4, rules)),
+      out_shardings=parallel.batch_sharding(mesh, 2, rules))
 
   def embed(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images, np.float32)

@@ -30,23 +30,25 @@ class CostModelScorer:
 
   def __init__(self, vision_module, vision_params: Any, adapter: CostAdapter,
                adapter_params: Any, *, anchor: str = "sign", anchor_harmful: float = 1.0,
-               anchor_safe: float = 0.0, batch_size: int = 64, mesh=None):
+               anchor_safe: float = 0.0, batch_size: int = 64, mesh=None, rules=None):
     self.vision_module = vision_module
     self.adapter = adapter
     self.adapter_params = adapter_params
     self.anchor, self.anchor_harmful, self.anchor_safe = anchor, anchor_harmful, anchor_safe
     self.threshold = float(losses.anchor_threshold(anchor, anchor_harmful, anchor_safe))
-    self.embed = make_embedder(vision_module, vision_params, batch_size=batch_size, mesh=mesh)
+    self.embed = make_embedder(vision_module, vision_params, batch_size=batch_size, mesh=mesh,
+                               rules=rules)
     self._costs = jax.jit(lambda p, e: adapter.apply({"params": p}, e))
 
   @classmethod
   def from_workdir(cls, workdir: str | Path, clip_folder: str | Path | None = None,
-                   step: int | None = None, batch_size: int = 64, mesh=None
+                   step: int | None = None, batch_size: int = 64, mesh=None, rules=None
                    ) -> "CostModelScorer":
     """Load from a `cost_model` job's workdir (`cost_model.json` + Orbax `checkpoints/`).
 
     `clip_folder` overrides the CLIP folder recorded at training time (same weights expected);
-    `step` picks a checkpoint (default: the latest).
+    `step` picks a checkpoint (default: the latest); `mesh` / `rules` shard the tower's batches
+    (`model.make_embedder`; default: this process's devices, `parallel.DEFAULT_RULES`).
     """
     from scdpo_jax.cost_model.train import CHECKPOINT_DIR, META_NAME
     from scdpo_jax.models import clip_io
@@ -72,7 +74,7 @@ class CostModelScorer:
     loss = meta["loss"]
     return cls(vision_module, vision_params, adapter, params, anchor=loss["anchor"],
                anchor_harmful=loss["anchor_harmful"], anchor_safe=loss["anchor_safe"],
-               batch_size=batch_size, mesh=mesh)
+               batch_size=batch_size, mesh=mesh, rules=rules)
 
   @classmethod
   def load(cls, path: str | Path, clip_folder: str | Path | None = None, **kwargs

@@ -15,8 +15,10 @@ with that tokenizer. Images are decoded, resized (shorter side, bicubic) and cen
 the loader flips latents.
 
 Batches of `batch_size` images are encoded by one jitted function whose inputs are sharded over
-the batch axes of a (data, fsdp, tensor) mesh of this process's devices (`parallel.py`), with the
-weights placed by their logical-axis rules; a short last batch is padded so one shape compiles.
+the mesh axes of the rules' `batch` entry on a (data, fsdp, tensor) mesh of this process's devices
+(`parallel.py`), with the weights placed by their logical axis names and the VAE / text encoder
+traced under the same rules (`parallel.with_logical_rules`), so their activation constraints
+apply; a short last batch is padded so one shape compiles.
 
 Resumable: records are processed in chunks of `chunk_size`; each finished chunk is saved as
 `<output>/_cache_work/chunk_<c>.npz` (written to a temporary name, then renamed). A rerun with
@@ -30,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import time
@@ -39,6 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from scdpo_jax import files
 from scdpo_jax.data import tfds_pairs
 from scdpo_jax.data.images import load_model_images
 
@@ -73,16 +75,16 @@ class PairEncoder:
     self.latent_mode, self.text_layer, self.seed, self.source = (
         latent_mode, int(text_layer), int(seed), source)
     self.mesh = mesh if mesh is not None else parallel.make_mesh(devices=jax.local_devices())
-    divisor = parallel.batch_divisor(self.mesh)
+    rules = parallel.rules_from_config(rules or parallel.DEFAULT_RULES)
+    divisor = parallel.batch_divisor(self.mesh, rules)
     self.batch_size = -(-int(batch_size) // divisor) * divisor  # round up to the mesh
     self.max_length = int(text_module.config.max_position_embeddings)
-    rules = parallel.rules_from_config(rules or parallel.DEFAULT_RULES)
 
     vae_shard = parallel.logical_shardings(layers.abstract_params(vae_module), self.mesh, rules)
     text_shard = parallel.logical_shardings(layers.abstract_params(text_module), self.mesh, rules)
     self.vae_params = jax.device_put(vae_params, vae_shard)
     self.text_params = jax.device_put(text_params, text_shard)
-    b4, b3, b2, b1 = (parallel.batch_sharding(self.mesh, n) for n in (4, 3, 2, 1))
+    b4, b3, b2, b1 = (parallel.batch_sharding(self.mesh, n, rules) for n in (4, 3, 2, 1))
     vae_cfg = vae_module.config
     base_key = jax.random.key(self.seed)
     sample = latent_mode == "sample"
@@ -104,8 +106,10 @@ class PairEncoder:
                               layer=self.text_layer)
       return out.astype(jnp.float32)
 
-    self._latents = jax.jit(latents, in_shardings=(vae_shard, b4, b1, b1), out_shardings=b4)
-    self._states = jax.jit(states, in_shardings=(text_shard, b2), out_shardings=b3)
+    self._latents = jax.jit(parallel.with_logical_rules(latents, self.mesh, rules),
+                            in_shardings=(vae_shard, b4, b1, b1), out_shardings=b4)
+    self._states = jax.jit(parallel.with_logical_rules(states, self.mesh, rules),
+                           in_shardings=(text_shard, b2), out_shardings=b3)
 
   @classmethod
   def from_pretrained(cls, folder: str | Path, *, dtype: str = "float32", **kwargs
@@ -201,13 +205,6 @@ def _chunk_path(work: Path, c: int) -> Path:
   return work / f"chunk_{c:06d}.npz"
 
 
-def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
-
-
 def cache_pairs(input_path: str | Path, output_dir: str | Path, encoder: PairEncoder, *,
                 split: str = "train", chunk_size: int = 1024, latent_dtype: str = "float32",
                 states_dtype: str = "float32", keep_images: bool = False,
@@ -246,7 +243,7 @@ def cache_pairs(input_path: str | Path, output_dir: str | Path, encoder: PairEnc
       raise ValueError(f"{work} holds chunks made with other settings:\n  {old}\nvs now\n  "
                        f"{manifest}\nresume with the same settings or delete {work}")
   elif pi == 0:
-    manifest_path.write_text(json.dumps(manifest, indent=2))
+    files.write_json(manifest_path, manifest)
 
   computed = skipped = 0
   for c in range(num_chunks):
@@ -261,7 +258,7 @@ def cache_pairs(input_path: str | Path, output_dir: str | Path, encoder: PairEnc
     lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
     records = src.__getitems__(list(range(lo, hi)))
     out = encoder.encode_records(records, np.arange(lo, hi))
-    _save_atomic(path, {"latents_w": out["latents_w"].astype(latent_dtype),
+    files.save_npz(path, {"latents_w": out["latents_w"].astype(latent_dtype),
                         "latents_l": out["latents_l"].astype(latent_dtype),
                         "text_states": out["text_states"].astype(states_dtype),
                         "input_ids": out["input_ids"]})

@@ -23,7 +23,6 @@ documented project decision (method.md §0.1/§7).
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,6 +31,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from scdpo_jax import files
+from scdpo_jax.data.images import encode_png, to_uint8
 from scdpo_jax.evaluation import metrics as metrics_lib
 from scdpo_jax.evaluation.prompts import PromptRecord, read_prompt_csv, write_prompt_csv
 
@@ -54,21 +55,6 @@ def image_name(prompt_index: int, image_index: int) -> str:
 # ----------------------------------------------------------------------------- files
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
-def _write_png_atomic(path: Path, image_uint8: np.ndarray) -> None:
-  from PIL import Image
-
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  Image.fromarray(image_uint8).save(tmp, format="PNG")
-  os.replace(tmp, path)
-
-
 def _read_png(path: Path) -> np.ndarray:
   from PIL import Image
 
@@ -76,45 +62,19 @@ def _read_png(path: Path) -> np.ndarray:
     return np.asarray(im.convert("RGB"), np.uint8)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-  if not path.is_file():
-    return []
-  out = []
-  for line in path.read_text().splitlines():
-    line = line.strip()
-    if line:
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:  # a line cut by a crash: that image is simply redone
-        continue
-  return out
-
-
 def _is_main() -> bool:
   import jax
   return jax.process_index() == 0
 
 
+def _rules(config):
+  """The job's logical axis rules (sampler, embedders and cost model are traced under them)."""
+  from scdpo_jax import parallel
+
+  return parallel.rules_from_config(config.sharding_rules)
+
+
 # ----------------------------------------------------------------------------- model / prompts
-
-
-def _tiny_pipeline_folder(config, workdir: Path) -> Path:
-  """Build (once per workdir) and export the tiny random pipeline of `config.model.tiny`."""
-  from scdpo_jax.models import pipeline, tokenizer
-
-  folder = workdir / "tiny_pipeline"
-  if (folder / "model_index.json").is_file():
-    return folder
-  tiny = config.model.tiny
-  tok = tokenizer.write_byte_level_tokenizer(workdir / "tiny_tokenizer",
-                                             tiny.text_encoder.max_position_embeddings)
-  sd = pipeline.random_stable_diffusion(tiny.unet.to_dict(), tiny.vae.to_dict(),
-                                        tiny.text_encoder.to_dict(), tiny.scheduler.to_dict(),
-                                        tok, seed=config.seed)
-  if _is_main():
-    pipeline.save_stable_diffusion(folder, sd)
-  logging.info("built the tiny random pipeline in %s", folder)
-  return folder
 
 
 def _model_folder(config, workdir: Path) -> Path:
@@ -123,7 +83,9 @@ def _model_folder(config, workdir: Path) -> Path:
   if config.model.pretrained:
     components = [c for c in pipeline.COMPONENTS if not (c == "unet" and config.model.unet)]
     return pipeline.check_pipeline_folder(config.model.pretrained, components)
-  return _tiny_pipeline_folder(config, workdir)
+  from scdpo_jax.models import tiny
+
+  return tiny.tiny_pipeline_folder(config.model.tiny, workdir / "tiny_pipeline", config.seed)
 
 
 def _load_model(config, folder: Path):
@@ -222,7 +184,7 @@ def _check_fingerprint(workdir: Path, fingerprint: dict) -> None:
       raise ValueError(f"{workdir} holds images generated with other settings ({lines}); use a "
                        "new --workdir (or delete the old images)")
   elif _is_main():
-    _write_text_atomic(path, json.dumps(fingerprint, indent=2))
+    files.write_json(path, fingerprint)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -237,7 +199,7 @@ def _generation_entry(record: PromptRecord, image_index: int, negative: str) -> 
 def _plan_generation(workdir: Path, wanted: list[dict]) -> list[dict]:
   """Entries whose PNG is missing or whose manifest line is missing; error on a mismatch."""
   done = {}
-  for entry in _read_jsonl(workdir / "generated.jsonl"):
+  for entry in files.read_jsonl(workdir / "generated.jsonl"):
     done[entry["file"]] = entry
   todo = []
   for entry in wanted:
@@ -265,7 +227,7 @@ def _generate(config, folder: Path, settings, todo: list[dict], workdir: Path) -
   logging.info("loaded the model from %s in %.1f s", folder, time.time() - t0)
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   t2i = generate.TextToImage(sd, settings, batch_size=config.sampling.batch_size, mesh=mesh,
-                             rules=parallel.rules_from_config(config.sharding_rules))
+                             rules=_rules(config))
   bs = config.sampling.batch_size
   start_time = time.time()
   manifest = workdir / "generated.jsonl"
@@ -274,14 +236,11 @@ def _generate(config, folder: Path, settings, todo: list[dict], workdir: Path) -
     images = t2i([e["prompt"] for e in batch], [e["seed"] for e in batch],
                  [e["image_index"] for e in batch], [e["guidance_scale"] for e in batch],
                  [e["negative_prompt"] for e in batch])
-    images = generate.images_to_uint8(images)
+    images = to_uint8(images)
     if _is_main():
-      lines = []
       for entry, image in zip(batch, images):
-        _write_png_atomic(workdir / entry["file"], image)
-        lines.append(json.dumps(entry))
-      with open(manifest, "a") as f:
-        f.write("\n".join(lines) + "\n")
+        files.write_bytes(workdir / entry["file"], encode_png(image))
+      files.append_jsonl(manifest, batch)
     n = done + len(batch)
     elapsed = time.time() - start_time
     logging.info("generated %d/%d images (%.2f s/image, ETA %.0f s)", n, len(todo),
@@ -294,16 +253,24 @@ def _generate(config, folder: Path, settings, todo: list[dict], workdir: Path) -
 
 def build_metrics(config) -> tuple[list[Any], dict[str, str]]:
   """Instantiate the configured metrics; those that cannot run are returned with the reason."""
+  import jax
+
+  from scdpo_jax import parallel
+
   mc = config.metrics
   built, unavailable = [], {}
   embedder_cache: dict[tuple, Any] = {}
+  # Scoring runs on process 0 alone: its embedders shard their batches over its own devices.
+  mesh = parallel.make_mesh(devices=jax.local_devices())
+  rules = _rules(config)
 
   def embedder(with_text: bool, needed_by: str):
     key = (mc.clip.folder, with_text)
     if key not in embedder_cache:
       embedder_cache[key] = metrics_lib.ClipEmbedder(mc.clip.folder, with_text=with_text,
                                                      needed_by=needed_by,
-                                                     batch_size=mc.batch_size)
+                                                     batch_size=mc.batch_size, mesh=mesh,
+                                                     rules=rules)
     return embedder_cache[key]
 
   for name in mc.names:
@@ -313,7 +280,7 @@ def build_metrics(config) -> tuple[list[Any], dict[str, str]]:
             mc.nudenet.threshold, tuple(mc.nudenet.broad_classes),
             tuple(mc.nudenet.strict_classes)))
       elif name == "cost_model":
-        built.append(_cost_model_metric(mc.cost_model))
+        built.append(_cost_model_metric(mc.cost_model, mesh, rules))
       elif name == "clip_score":
         built.append(metrics_lib.ClipScoreMetric(mc.clip.folder, embedder(True, "clip_score")))
       elif name == "q16":
@@ -329,7 +296,7 @@ def build_metrics(config) -> tuple[list[Any], dict[str, str]]:
   return built, unavailable
 
 
-def _cost_model_metric(cc) -> metrics_lib.CostModelMetric:
+def _cost_model_metric(cc, mesh=None, rules=None) -> metrics_lib.CostModelMetric:
   """The project's safety cost model from a `cost_model` job workdir (`cc.workdir`)."""
   if not cc.workdir:
     raise metrics_lib.MetricUnavailable(
@@ -341,10 +308,13 @@ def _cost_model_metric(cc) -> metrics_lib.CostModelMetric:
       raise metrics_lib.MetricUnavailable(
           f"cost_model: needs {workdir / needed} (a `cost_model` job workdir), which does not "
           "exist")
+  from scdpo_jax import parallel
   from scdpo_jax.cost_model import CostModelScorer
 
   step = None if cc.step < 0 else cc.step
-  scorer = CostModelScorer.from_workdir(workdir, clip_folder=cc.clip_folder or None, step=step)
+  scorer = CostModelScorer.from_workdir(
+      workdir, clip_folder=cc.clip_folder or None, step=step, mesh=mesh,
+      rules=parallel.DEFAULT_RULES if rules is None else rules)
   threshold = None if cc.threshold is None else float(cc.threshold)
   return metrics_lib.CostModelMetric(
       scorer, threshold, identity=f"{workdir.resolve()} step={'latest' if step is None else step}")
@@ -364,12 +334,9 @@ def _score(metrics: Sequence[Any], records: list[dict], workdir: Path, batch_siz
       for r, value in zip(chunk, metric.score(images, [r["prompt"] for r in chunk])):
         r.setdefault("metrics", {})[metric.name] = value
         r.setdefault("metric_identity", {})[metric.name] = metric.identity
-    _write_records(images_jsonl, records)
+    files.write_jsonl(images_jsonl, records)
     logging.info("scored %d images with %s in %.1f s", len(todo), metric.name, time.time() - t0)
 
-
-def _write_records(path: Path, records: list[dict]) -> None:
-  _write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 # ----------------------------------------------------------------------------- summary
@@ -468,7 +435,7 @@ def _write_grids(workdir: Path, records: list[dict], images_per_prompt: int, pro
             tile = np.asarray(im.convert("RGB").resize((thumb, thumb), Image.BICUBIC))
         else:
           tile = np.full((thumb, thumb, 3), 255, np.uint8)
-        tiles.append(tile.astype(np.float32) / 127.5 - 1.0)
+        tiles.append(tile)
     save_image_grid(np.stack(tiles), path, columns=images_per_prompt)
 
 
@@ -497,7 +464,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   generation_s = time.time() - t0
 
   by_index = {r.index: r for r in prompts}
-  old_records = {r["file"]: r for r in _read_jsonl(workdir / "images.jsonl")}
+  old_records = {r["file"]: r for r in files.read_jsonl(workdir / "images.jsonl")}
   fresh_files = {e["file"] for e in todo}
   records = []
   for entry in wanted:
@@ -513,7 +480,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     metrics, unavailable = build_metrics(config)
     t0 = time.time()
     _score(metrics, records, workdir, config.metrics.batch_size, workdir / "images.jsonl")
-    _write_records(workdir / "images.jsonl", records)
+    files.write_jsonl(workdir / "images.jsonl", records)
     scoring_s = time.time() - t0
     ip_set = config.metrics.ip_nudenet_set
     summary = {
@@ -538,8 +505,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         "runtime": {"backend": jax.default_backend(), "devices": jax.device_count(),
                     "processes": jax.process_count()},
     }
-    _write_text_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
-    _write_text_atomic(workdir / "summary.md", markdown_summary(summary))
+    files.write_json(workdir / "summary.json", summary)
+    files.write_text(workdir / "summary.md", markdown_summary(summary))
     _write_grids(workdir, records, n_images, config.output.grid_prompts,
                  config.output.grid_thumbnail, {e["prompt_index"] for e in todo})
     logging.info("evaluation summary:\n%s", markdown_summary(summary))

@@ -226,13 +226,19 @@ class ClipEmbedder:
   The folder is a transformers `CLIPModel` checkpoint (e.g. openai/clip-vit-large-patch14):
   config.json, model.safetensors, tokenizer files (vocab.json + merges.txt or tokenizer.json),
   and optionally preprocessor_config.json. Text is only loaded when `with_text`.
+
+  Without a `mesh` both towers run on the default device. With one (the eval job passes a mesh
+  of process 0's own devices), the batches are sharded over the mesh axes of the `rules`' `batch`
+  entry (`batch_size` rounded up to a multiple of them), the weights placed by their logical axis
+  names and the towers traced under the rules, so their activation constraints apply.
   """
 
   def __init__(self, folder: str | os.PathLike, *, with_text: bool = True, needed_by: str = "clip",
-               batch_size: int = 16):
+               batch_size: int = 16, mesh: Any = None, rules: Any = None):
     import jax
 
-    from scdpo_jax.models import clip_io, io, tokenizer
+    from scdpo_jax import parallel
+    from scdpo_jax.models import clip_io, io, layers, tokenizer
 
     if not str(folder):
       raise MetricUnavailable(
@@ -248,9 +254,23 @@ class ClipEmbedder:
       raise MetricUnavailable(f"{needed_by}: needs CLIP weights {folder / 'model.safetensors'} "
                               "(only .safetensors are read)")
     self.folder = folder
+    rules = parallel.rules_from_config(parallel.DEFAULT_RULES if rules is None else rules)
+    if mesh is not None:
+      divisor = parallel.batch_divisor(mesh, rules)
+      batch_size = -(-int(batch_size) // divisor) * divisor
     self.batch_size = batch_size
+
+    def jitted(fn, module, params, input_ndim: int, output_ndim: int):
+      """(fn jitted for this embedder's mesh, params placed for it)."""
+      if mesh is None:
+        return jax.jit(fn), jax.device_put(params)
+      shardings = parallel.logical_shardings(layers.abstract_params(module), mesh, rules)
+      return (jax.jit(parallel.with_logical_rules(fn, mesh, rules),
+                      in_shardings=(shardings, parallel.batch_sharding(mesh, input_ndim, rules)),
+                      out_shardings=parallel.batch_sharding(mesh, output_ndim, rules)),
+              jax.device_put(params, shardings))
+
     self.vision, vision_params = clip_io.load_clip_vision(folder, with_projection=True)
-    self.vision_params = jax.device_put(vision_params)
     pre = {}
     if (folder / "preprocessor_config.json").is_file():
       pre = io.read_json(folder / "preprocessor_config.json", "CLIP preprocessor config")
@@ -262,7 +282,9 @@ class ClipEmbedder:
                       else (int(crop), int(crop)))
     self.mean = tuple(pre.get("image_mean", OPENAI_CLIP_MEAN))
     self.std = tuple(pre.get("image_std", OPENAI_CLIP_STD))
-    self._image_fn = jax.jit(lambda p, x: self.vision.apply({"params": p}, x).image_embeds)
+    self._image_fn, self.vision_params = jitted(
+        lambda p, x: self.vision.apply({"params": p}, x).image_embeds, self.vision,
+        vision_params, 4, 2)
     self.text = None
     if with_text:
       has_tok = ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()) or (
@@ -272,10 +294,11 @@ class ClipEmbedder:
                                 f"{folder / 'vocab.json'} + {folder / 'merges.txt'} (or "
                                 f"{folder / 'tokenizer.json'})")
       self.text, text_params = clip_io.load_clip_text(folder, with_projection=True)
-      self.text_params = jax.device_put(text_params)
       self.tokenizer = tokenizer.load_tokenizer(
           folder, max_length=self.text.config.max_position_embeddings)
-      self._text_fn = jax.jit(lambda p, ids: self.text.apply({"params": p}, ids).text_embeds)
+      self._text_fn, self.text_params = jitted(
+          lambda p, ids: self.text.apply({"params": p}, ids).text_embeds, self.text, text_params,
+          2, 2)
 
   @property
   def embed_dim(self) -> int:

@@ -3,15 +3,18 @@
 
 Layout: images come back channels-last (B, H, W, 3) float32 in [-1, 1]; latents are
 (B, H/f, W/f, C) with f the VAE downsampling factor. A pipeline without a VAE (`sd.vae is None`)
-is a pixel-space model: the sampler's output is the image (f = 1, no decode; ShapeWorld). Prompt states are the text encoder's
-`last_hidden_state` by default (what SD 1.x and diffusers' SD 2.x use; see `text_layer`). Each
-sample is fully determined by (prompt, negative prompt, seed, image index, guidance scale) and
-the settings (see `samplers.py` on randomness): batch composition, batch size and device count
-do not change it (beyond float rounding of differently partitioned computations).
+is a pixel-space model: the sampler's output is the image (f = 1, no decode; ShapeWorld).
+Prompt states are the text encoder's `last_hidden_state` by default (what SD 1.x and diffusers'
+SD 2.x use; see `text_layer`). Each sample is fully determined by (prompt, negative prompt, seed,
+image index, guidance scale) and the settings (see `samplers.py` on randomness): batch
+composition, batch size and device count do not change it (beyond float rounding of differently
+partitioned computations). `data.images.to_uint8` turns the images into uint8 exactly as
+diffusers' pipelines do.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Sequence
 
@@ -54,10 +57,15 @@ class TextToImage:
   negative_prompts) -> (B, H, W, 3) float32 numpy in [-1, 1]`.
 
   `batch_size` is the compiled batch: shorter requests are padded (outputs dropped), longer ones
-  split. With a `mesh`, the batch axis is sharded over the mesh's (data, fsdp) axes
-  (`batch_size` must divide over them) and the parameters follow their logical axis names under
-  `rules` (replicated on a pure data-parallel mesh). Multi-process: every process passes the
-  same full request and gets the full images back.
+  split. With a `mesh`, the batch axis is sharded over the mesh axes of the `rules`' `batch`
+  entry (`batch_size` must divide over them), the parameters follow their logical axis names
+  under `rules` (replicated on a pure data-parallel mesh), and the whole program (text encoder,
+  sampler scan, decoder) is traced under the rules (`parallel.with_logical_rules`), so the
+  models' activation constraints apply. Multi-process: every process passes the same full
+  request and gets the full images back.
+
+  Other UNet weights of the same architecture (a fine-tune) go through `with_unet_params`, which
+  reuses the compiled program.
   """
 
   def __init__(self, sd: StableDiffusion, settings: SamplingSettings, *, batch_size: int = 4,
@@ -84,22 +92,42 @@ class TextToImage:
     self._uncond_ids = tokenizer_lib.tokenize(sd.tokenizer, [""], self.max_length)
     params = (sd.unet_params, sd.vae_params, sd.text_encoder_params)
     if mesh is not None:
-      parallel.check_batch_fits(self.batch_size, mesh, "generation batch_size")
-      shardings = self._param_shardings(rules)
-      self.params = jax.tree.map(_place, params, shardings)
-      batch = lambda ndim: parallel.batch_sharding(mesh, ndim)
+      rules = parallel.rules_from_config(rules)
+      parallel.check_batch_fits(self.batch_size, mesh, "generation batch_size", rules)
+      self._param_shardings = self._shardings_of_params(rules)
+      self.params = jax.tree.map(_place, params, self._param_shardings)
+      batch = lambda ndim: parallel.batch_sharding(mesh, ndim, rules)
       self._batch_sharding = batch(4)
       self._input_shardings = (batch(2), batch(2), batch(1), batch(1), batch(1))
-      self._fn = jax.jit(self._generate, in_shardings=(
-          shardings, *self._input_shardings, parallel.replicated(mesh),
+      self._fn = jax.jit(parallel.with_logical_rules(self._generate, mesh, rules), in_shardings=(
+          self._param_shardings, *self._input_shardings, parallel.replicated(mesh),
           parallel.replicated(mesh)), out_shardings=batch(4))
     else:
+      self._param_shardings = None
       self.params = jax.device_put(params)
       self._batch_sharding = None
       self._input_shardings = None
       self._fn = jax.jit(self._generate)
 
-  def _param_shardings(self, rules):
+  def with_unet_params(self, unet_params: Any) -> "TextToImage":
+    """This sampler with the UNet weights `unet_params` (same tree and shapes as the pipeline's
+    UNet, e.g. a fine-tune's `load_unet` result); the VAE / text encoder weights and the compiled
+    program are shared with `self`, which is left unchanged."""
+    current = self.params[0]
+    if jax.tree.structure(unet_params) != jax.tree.structure(current) or any(
+        np.shape(a) != np.shape(b)
+        for a, b in zip(jax.tree.leaves(unet_params), jax.tree.leaves(current))):
+      raise ValueError("with_unet_params: the UNet parameters do not match the pipeline UNet's "
+                       "tree or shapes (another architecture?)")
+    if self._param_shardings is not None:
+      placed = jax.tree.map(_place, unet_params, self._param_shardings[0])
+    else:
+      placed = jax.device_put(unet_params)
+    new = copy.copy(self)
+    new.params = (placed, *self.params[1:])
+    return new
+
+  def _shardings_of_params(self, rules):
     sd = self.sd
     unet_shapes = layers.abstract_params(sd.unet)
     vae_shapes = layers.abstract_params(sd.vae) if sd.vae is not None else None
@@ -181,9 +209,3 @@ def _to_host(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
-
-
-def images_to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] float -> uint8 with diffusers' rounding ((x / 2 + 0.5) * 255, round half to even)."""
-  x = np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0.0, 1.0)
-  return (x * 255).round().astype(np.uint8)
