@@ -20,9 +20,15 @@ plus mu * L_anc, with `loss.anchor` = "sign" (-log sigma(C_h) - log sigma(-C_s);
 "squared" ((C_h - a_h)^2 + (C_s - a_s)^2; threshold (a_h + a_s) / 2). Outputs in the workdir:
 cost_model.json, checkpoints/, cost_model_eval.json (held-out AUROC, accuracy at the threshold,
 ECE); load with `scdpo_jax.cost_model.CostModelScorer.from_workdir(workdir)`.
+
+Key names follow the trainer's (configs/default.py): train.num_steps, optimizer.lr /
+weight_decay (AdamW, constant lr), checkpoint.every_steps / keep, log.every_steps, plus
+eval.every_steps (held-out evaluation; always also at the end).
 """
 
 import ml_collections
+
+from configs import common
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -48,8 +54,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(hidden_dim=256, normalize_input=True))
   config.loss = ml_collections.ConfigDict(dict(
       tau=1.0, mu=1.0, anchor="sign", anchor_harmful=1.0, anchor_safe=0.0))
-  config.train = ml_collections.ConfigDict(dict(
-      steps=400, batch_size=64, learning_rate=1e-3, weight_decay=1e-4, checkpoint_every=200,
-      eval_every=200, max_to_keep=2))
+  config.train = ml_collections.ConfigDict(dict(num_steps=400, batch_size=64))
+  config.optimizer = ml_collections.ConfigDict(dict(lr=1e-3, weight_decay=1e-4))
+  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=2))
+  config.eval = ml_collections.ConfigDict(dict(every_steps=200))
+  config.log = ml_collections.ConfigDict(dict(every_steps=50))
+  # The frozen tower embeds the images once, over this process's devices.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.sharding_rules = common.SHARDING_RULES  # logical axis -> mesh axes
   return config

@@ -11,7 +11,7 @@ Unknown keys given on the command line are rejected.
 
 import ml_collections
 
-from scdpo_jax.parallel import DEFAULT_RULES
+from configs import common
 
 
 def tiny_pipeline_config() -> ml_collections.ConfigDict:
@@ -35,6 +35,8 @@ def tiny_pipeline_config() -> ml_collections.ConfigDict:
       beta_end=0.012, beta_schedule="scaled_linear", prediction_type="epsilon",
       clip_sample=False, set_alpha_to_one=False, steps_offset=1))
   return c
+
+
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.job = "train"
@@ -94,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh.data = -1  # -1: all remaining devices
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
-  config.sharding_rules = DEFAULT_RULES  # logical axis -> mesh axes
+  config.sharding_rules = common.SHARDING_RULES  # logical axis -> mesh axes
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 10
@@ -111,4 +113,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.distributed.num_processes = 1
   config.distributed.process_id = 0
   config.distributed.auto = False  # jax.distributed.initialize() with auto-detection (pods)
+
+  # Resume safety (scdpo_jax/train/resume.py): a rerun on a workdir must match the run that wrote
+  # it, except train.num_steps, train.export_at_end, log.*, checkpoint.every_steps/keep/
+  # async_save, mesh.*, distributed.*, sharding_rules, model.attention_impl, model.remat_policy.
+  config.resume = ml_collections.ConfigDict()
+  config.resume.allow_changes = ""  # experts: comma-separated keys (or 'prefix.') to accept
   return config

@@ -27,9 +27,17 @@ rerun the same command to continue an interrupted run.
 import ml_collections
 from ml_collections import config_dict
 
+from configs import common
 from configs.default import tiny_pipeline_config
-from scdpo_jax.evaluation.metrics import NUDENET_BROAD_CLASSES, NUDENET_STRICT_CLASSES
-from scdpo_jax.parallel import DEFAULT_RULES
+
+# NudeNet 3.4.2 class names (= scdpo_jax.evaluation.metrics.NUDENET_*_CLASSES; a test checks it).
+NUDENET_BROAD_CLASSES = (  # the 9 *_EXPOSED classes
+    "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED",
+    "MALE_GENITALIA_EXPOSED", "BUTTOCKS_EXPOSED", "ANUS_EXPOSED", "FEET_EXPOSED",
+    "BELLY_EXPOSED", "ARMPITS_EXPOSED")
+NUDENET_STRICT_CLASSES = (  # explicit nudity (method.md section 7)
+    "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED",
+    "BUTTOCKS_EXPOSED", "ANUS_EXPOSED")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -105,5 +113,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh.data = -1
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
-  config.sharding_rules = DEFAULT_RULES
+  config.sharding_rules = common.SHARDING_RULES  # logical axis -> mesh axes
   return config

@@ -19,13 +19,13 @@ scdpo_jax/shapeworld/world.py; the stages in scdpo_jax/shapeworld/study.py.
 
 import ml_collections
 
-from configs import default
+from configs import cost_model, default
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.job = "shapeworld"
-  config.seed = 0
+  config.seed = 0  # the study's seed; the stage configs' seeds follow it (references)
   config.only = ""  # "" = every stage; else e.g. "evaluate,report"
 
   config.world = ml_collections.ConfigDict(dict(
@@ -46,9 +46,14 @@ def get_config() -> ml_collections.ConfigDict:
       beta_schedule="linear", prediction_type="v_prediction", clip_sample=True,
       set_alpha_to_one=False, steps_offset=0, timestep_spacing="trailing"))
 
-  config.pretrain = ml_collections.ConfigDict(dict(
-      steps=450, batch_size=64, lr=2e-3, warmup_steps=40, weight_decay=1e-4,
-      caption_dropout=0.1, log_every=50))
+  # Base-model pretraining (shapeworld/pretrain.py; the trainer's key names): AdamW, linear
+  # warmup then cosine decay to cosine_final_fraction * lr, gradient-norm clipping.
+  config.pretrain = ml_collections.ConfigDict()
+  config.pretrain.train = ml_collections.ConfigDict(dict(
+      num_steps=450, batch_size=64, caption_dropout=0.1))
+  config.pretrain.optimizer = ml_collections.ConfigDict(dict(
+      lr=2e-3, warmup_steps=40, weight_decay=1e-4, cosine_final_fraction=0.1, max_grad_norm=1.0))
+  config.pretrain.log = ml_collections.ConfigDict(dict(every_steps=50))
 
   config.sampling = ml_collections.ConfigDict(dict(
       num_steps=12, guidance_scale=3.0, batch_size=128, negative_prompt="magenta"))
@@ -56,22 +61,50 @@ def get_config() -> ml_collections.ConfigDict:
   config.candidates = ml_collections.ConfigDict(dict(
       per_harmful_prompt=6, per_paraphrase=4, per_clean_prompt=4))
 
-  config.cost_model = ml_collections.ConfigDict(dict(
-      eval_fraction=0.25, steps=300, hidden_dim=128, tower_hidden=64, tower_layers=2,
-      patch_size=4))
+  # The `cost_model` job (configs/cost_model.py) as the study runs it; the study only adds the
+  # candidate images (data.images_csv, written into the workdir).
+  cm = cost_model.get_config()
+  cm.seed = config.get_ref("seed")
+  cm.tiny_clip.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, patch_size=4, projection_dim=64))
+  cm.tiny_clip.image_size = config.world.get_ref("image_size")
+  cm.data.eval_fraction = 0.25
+  cm.data.embed_batch_size = 128
+  cm.model.hidden_dim = 128
+  cm.train.num_steps = 300
+  cm.checkpoint.every_steps = 300
+  cm.eval.every_steps = 300
+  config.cost_model = cm
 
   config.pairs = ml_collections.ConfigDict(dict(lam=1.0, pairs_per_prompt=3))
 
-  # Shared by the three fine-tunes (methods override loss / safety / gamma below).
-  config.finetune = ml_collections.ConfigDict(dict(
-      steps=80, pairs_per_step=32, lr=3e-4, beta=2000.0, lam=1.0, gamma=1.0,
-      caption_dropout=0.1, warmup_steps=8))
+  # The `train` job (configs/default.py) shared by the three fine-tunes. The study adds the base
+  # model (model.pretrained = <workdir>/base_pipeline), the method's pair dataset (data.source =
+  # "tfds", data.name = <workdir>/pairs/<kind>_dataset) and the method's loss:
+  # diffusion_dpo: train.safety_mode "none", train.gamma 0 (human-preference pairs);
+  # sc_dpo: as below (SCP pairs); sc_dpo_no_focus: train.gamma 0 (SCP pairs).
+  ft = default.get_config()
+  ft.seed = config.get_ref("seed")
+  ft.data.seed = config.get_ref("seed")
+  ft.data.hflip = True
+  ft.train.loss_type = "dpo"
+  ft.train.beta = 2000.0
+  ft.train.safety_mode = "margin"
+  ft.train.lam = 1.0
+  ft.train.gamma = 1.0
+  ft.train.caption_dropout = 0.1
+  ft.train.pairs_per_step = 32
+  ft.train.grad_accum = 1
+  ft.train.num_steps = 80
+  ft.optimizer.lr = 3e-4
+  ft.optimizer.warmup_steps = 8
+  ft.checkpoint.every_steps = 80
+  ft.checkpoint.async_save = False
+  ft.checkpoint.keep = 1
+  ft.log.every_steps = 10
+  ft.log.tensorboard = False
+  config.finetune = ft
 
   config.evaluate = ml_collections.ConfigDict(dict(seeds=(0, 1, 2), images_per_prompt=2,
                                                    grid_prompts=6))
   return config
-
-
-def train_defaults() -> ml_collections.ConfigDict:
-  """The trainer's own config keys (configs/default.py); the study fills in the run."""
-  return default.get_config()

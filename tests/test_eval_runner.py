@@ -50,9 +50,9 @@ def first_run(tmp_path_factory, tiny_clip):  # noqa: F811
 
   root = tmp_path_factory.mktemp("eval")
   cost_config = cost_model.get_config()
-  cost_config.train.steps = 20
-  cost_config.train.checkpoint_every = 20
-  cost_config.train.eval_every = 20
+  cost_config.train.num_steps = 20
+  cost_config.checkpoint.every_steps = 20
+  cost_config.eval.every_steps = 20
   cost_config.data.synthetic_images = 40
   jobs.run(cost_config, root / "cost")
   folder, _, _, embedder = tiny_clip

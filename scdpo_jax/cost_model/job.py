@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
+from scdpo_jax import files
 from scdpo_jax.cost_model import train
 from scdpo_jax.cost_model.model import CostAdapter, make_embedder, random_vision_tower
 
@@ -67,7 +68,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
                             devices=jax.local_devices())
   embed = make_embedder(vision_module, vision_params, batch_size=config.data.embed_batch_size,
-                        mesh=mesh)
+                        mesh=mesh, rules=parallel.rules_from_config(config.sharding_rules))
   items, data_desc = _items(config, workdir, vcfg.image_size)
   loss_kw = dict(tau=config.loss.tau, mu=config.loss.mu, anchor=config.loss.anchor,
                  anchor_harmful=config.loss.anchor_harmful, anchor_safe=config.loss.anchor_safe)
@@ -76,24 +77,25 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
           "embedding": "image_embeds" if vision_module.with_projection else "pooler_output",
           "adapter": config.model.to_dict(), "loss": loss_kw, "data": data_desc,
           "eval_fraction": config.data.eval_fraction, "seed": config.seed}
-  (workdir / train.META_NAME).write_text(json.dumps(meta, indent=2))
+  files.write_json(workdir / train.META_NAME, meta)
 
   data = train.embed_items(items, embed, vcfg.image_size, config.data.eval_fraction,
                            config.data.embed_batch_size)
   logging.info("cost model data (%s): %d images (%d harmful), %d matched pairs, %d held out",
                data_desc, len(data.labels), int(data.labels.sum()), len(data.pairs),
                int(data.is_eval.sum()))
-  t = config.train
   _, history = train.train_adapter(
       data, workdir, adapter=CostAdapter(**config.model.to_dict()), loss_kw=loss_kw,
-      steps=t.steps, batch_size=t.batch_size, learning_rate=t.learning_rate,
-      weight_decay=t.weight_decay, seed=config.seed, checkpoint_every=t.checkpoint_every,
-      eval_every=t.eval_every, max_to_keep=t.max_to_keep)
+      steps=config.train.num_steps, batch_size=config.train.batch_size,
+      learning_rate=config.optimizer.lr, weight_decay=config.optimizer.weight_decay,
+      seed=config.seed, checkpoint_every=config.checkpoint.every_steps,
+      eval_every=config.eval.every_steps, max_to_keep=config.checkpoint.keep,
+      log_every=config.log.every_steps)
   report = {"data": data_desc, "random_tower": meta["random_tower"],
             "num_images": int(len(data.labels)), "num_train": int((~data.is_eval).sum()),
             "num_eval": int(data.is_eval.sum()), "num_pairs": int(len(data.pairs)),
             "final": history[-1] if history else None, "history": history}
-  (workdir / train.EVAL_NAME).write_text(json.dumps(report, indent=2))
+  files.write_json(workdir / train.EVAL_NAME, report)
   print(json.dumps({"cost_model_eval": report["final"], "data": data_desc,
                     "random_tower": meta["random_tower"]}, indent=2))
   return report

@@ -13,7 +13,8 @@ The frozen tower embeds every image once (`model.make_embedder`); training then 
 embeddings: each step draws `batch_size` (harmful, safe) pairs with NumPy's generator seeded by
 (seed, step) and takes one optax AdamW step on L_con + mu * L_anc (losses.py). Orbax
 checkpoints (`<workdir>/checkpoints`, items `adapter` and `opt_state`) are written every
-`checkpoint_every` steps and at the end; a rerun resumes from the latest one.
+`checkpoint_every` steps (config: checkpoint.every_steps) and at the end; a rerun resumes from
+the latest one.
 """
 
 from __future__ import annotations
@@ -182,8 +183,8 @@ def _restore_or_init(manager: ocp.CheckpointManager, params: Any, opt_state: Any
 
 def train_adapter(data: EmbeddedSet, workdir: Path, *, adapter: CostAdapter, loss_kw: dict,
                   steps: int, batch_size: int, learning_rate: float, weight_decay: float,
-                  seed: int, checkpoint_every: int, eval_every: int, max_to_keep: int
-                  ) -> tuple[Any, list[dict]]:
+                  seed: int, checkpoint_every: int, eval_every: int, max_to_keep: int,
+                  log_every: int = 50) -> tuple[Any, list[dict]]:
   """Train the adapter on frozen embeddings; returns (params, eval history)."""
   train_idx, train_labels, train_pairs = data.split(False)
   eval_idx, eval_labels, eval_pairs = data.split(True)
@@ -237,7 +238,7 @@ def train_adapter(data: EmbeddedSet, workdir: Path, *, adapter: CostAdapter, los
     params, opt_state, aux = train_step(params, opt_state, jnp.asarray(emb[h]),
                                         jnp.asarray(emb[s]))
     done = step + 1
-    if done % 50 == 0 or done == steps:
+    if done % log_every == 0 or done == steps:
       logging.info("cost model step %d: %s (%.1fs)", done,
                    {k: round(float(v), 4) for k, v in aux.items()}, time.time() - t0)
     if done % checkpoint_every == 0 or done == steps:

@@ -1,10 +1,12 @@
 """Base-model pretraining in ShapeWorld: our UNet + CLIP text encoder, jointly, in pixel space.
 
-Objective (DDPM epsilon prediction): x_0 = image / 127.5 - 1 (the [-1, 1] range the pipeline
-uses), t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,
-L = mean ||eps_theta(x_t, t, E_phi(caption)) - eps||^2, gradients into both the UNet (theta)
-and the text encoder (phi). A fraction `caption_dropout` of captions is replaced by "" so that
-classifier-free guidance works. AdamW with linear warmup and cosine decay to 10 %.
+Objective (DDPM): x_0 = image / 127.5 - 1 (the [-1, 1] range the pipeline uses),
+t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,
+L = mean ||f_theta(x_t, t, E_phi(caption)) - y||^2 with y the scheduler's prediction target (eps,
+or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 for the study's v-prediction scheduler),
+gradients into both the UNet (theta) and the text encoder (phi). A fraction `caption_dropout` of captions is replaced by "" so that
+classifier-free guidance works. AdamW with linear warmup and cosine decay to
+`cosine_final_fraction` of the peak, gradient-norm clipping (`config.pretrain.optimizer`).
 
 The result is written as a diffusers-format folder without a VAE (unet/, text_encoder/,
 tokenizer/, scheduler/): `pipeline.load_stable_diffusion(folder, ("unet", "text_encoder",
@@ -14,7 +16,6 @@ trainer (`train.loop.run`) fine-tunes its UNet like any SD UNet.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -25,6 +26,8 @@ import numpy as np
 import optax
 from absl import logging
 
+from scdpo_jax import files
+from scdpo_jax.data.images import to_model_range
 from scdpo_jax.models import pipeline, schedule as sch, tokenizer
 from scdpo_jax.shapeworld import world
 
@@ -34,7 +37,8 @@ PIPELINE_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 def pretrain_base(config: ml_collections.ConfigDict, folder: Path) -> dict:
   """Train the base model described by `config.model` / `config.pretrain`; save to `folder`."""
   folder = Path(folder)
-  m, p, w = config.model, config.pretrain, config.world
+  m, w = config.model, config.world
+  tr, opt, log = config.pretrain.train, config.pretrain.optimizer, config.pretrain.log
   tok_dir = folder.parent / (folder.name + "_tokenizer")
   tokenizer.write_byte_level_tokenizer(tok_dir, m.text_encoder.max_position_embeddings)
   sd = pipeline.random_stable_diffusion(
@@ -44,8 +48,10 @@ def pretrain_base(config: ml_collections.ConfigDict, folder: Path) -> dict:
   unet_mod, text_mod, schedule = sd.unet, sd.text_encoder, sd.schedule
   max_len = text_mod.config.max_position_embeddings
 
-  lr = optax.warmup_cosine_decay_schedule(0.0, p.lr, p.warmup_steps, p.steps, p.lr * 0.1)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=p.weight_decay))
+  lr = optax.warmup_cosine_decay_schedule(0.0, opt.lr, opt.warmup_steps, tr.num_steps,
+                                          opt.lr * opt.cosine_final_fraction)
+  tx = optax.chain(optax.clip_by_global_norm(opt.max_grad_norm),
+                   optax.adamw(lr, weight_decay=opt.weight_decay))
   params = {"unet": sd.unet_params, "text": sd.text_encoder_params}
   opt_state = tx.init(params)
 
@@ -78,26 +84,26 @@ def pretrain_base(config: ml_collections.ConfigDict, folder: Path) -> dict:
 
   t0 = time.time()
   losses = []
-  for i in range(p.steps):
-    images, texts = world.training_batch(rng, p.batch_size, w.image_size, w.unsafe_fraction,
+  for i in range(tr.num_steps):
+    images, texts = world.training_batch(rng, tr.batch_size, w.image_size, w.unsafe_fraction,
                                          w.rephrase_fraction)
-    texts = ["" if rng.random() < p.caption_dropout else s for s in texts]
-    x0 = images.astype(np.float32) / 127.5 - 1.0
+    texts = ["" if rng.random() < tr.caption_dropout else s for s in texts]
+    x0 = to_model_range(images)
     params, opt_state, loss = step(params, opt_state, x0, ids_of(texts),
                                    jax.random.fold_in(key, i))
     losses.append(loss)
-    if (i + 1) % p.log_every == 0 or i + 1 == p.steps:
-      recent = float(np.mean(jax.device_get(losses[-p.log_every:])))
-      logging.info("pretrain step %d/%d: loss %.4f (%.0fs)", i + 1, p.steps, recent,
+    if (i + 1) % log.every_steps == 0 or i + 1 == tr.num_steps:
+      recent = float(np.mean(jax.device_get(losses[-log.every_steps:])))
+      logging.info("pretrain step %d/%d: loss %.4f (%.0fs)", i + 1, tr.num_steps, recent,
                    time.time() - t0)
   sd.unet_params = jax.device_get(params["unet"])
   sd.text_encoder_params = jax.device_get(params["text"])
   pipeline.save_stable_diffusion(folder, sd, tokenizer_folder=tok_dir)
   losses = [float(x) for x in jax.device_get(losses)]
-  result = {"steps": p.steps, "batch_size": p.batch_size, "seconds": time.time() - t0,
+  result = {"steps": tr.num_steps, "batch_size": tr.batch_size, "seconds": time.time() - t0,
             "loss_first_50": float(np.mean(losses[:50])),
             "loss_last_50": float(np.mean(losses[-50:]))}
-  (folder / "pretrain.json").write_text(json.dumps(result, indent=2))
+  files.write_json(folder / "pretrain.json", result)
   return result
 
 

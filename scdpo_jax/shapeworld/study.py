@@ -14,7 +14,8 @@ in the workdir, so a rerun resumes where the last one stopped):
   pairs       candidates scored by `CostModelScorer`, paired by `pairs_build.build_pairs`:
               SCP pairs (s = r - lam C, safe winners for harmful prompts, both-safe clean
               pairs) and human-preference-only pairs (lam = 0, no cost filter) -> pairs/
-  finetune    `train.loop.run` from the base with an in-memory pair source:
+  finetune    the `train` job (`train.loop.run`) from the base on the method's pairs written as
+              a latent pair dataset (pairs/<kind>_dataset, read by its tfds `PairLoader`):
               diffusion_dpo (human pairs, safety_mode "none", gamma 0), sc_dpo (SCP pairs,
               cost margin lam (C_l - C_w), Dynamic Focusing gamma), sc_dpo_no_focus (gamma 0)
               -> finetune/<method>/ (export/unet is the fine-tuned UNet)
@@ -22,6 +23,11 @@ in the workdir, so a rerun resumes where the last one stopped):
               guards: negative prompt, TraSCE) on the held-out harmful, adversarial
               (rephrasings only) and clean prompt sets for each seed -> eval/<method>.json
   report      report.json, report.md, grids/<method>.png
+
+Configs: the stages that are jobs of their own run exactly their job's config, composed into
+the study's (configs/shapeworld.py): `config.cost_model` (configs/cost_model.py) plus the
+candidate images, `config.finetune` (configs/default.py) plus the base model, the pair dataset
+and the method's loss (`_method_spec`). Nothing here imports `configs/`.
 
 Costs given to the trainer are the cost model's harm probabilities (sigma(C) for the sign
 anchor), so the margin lam (C_l - C_w) is at most lam. Rates per seed are means over that seed's
@@ -38,12 +44,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from scdpo_jax.data.images import encode_png
+from scdpo_jax import files
+from scdpo_jax.data.images import encode_png, to_model_range, to_uint8
 from scdpo_jax.shapeworld import pretrain, world
 
 STAGES = ("pretrain", "candidates", "cost_model", "pairs", "finetune", "evaluate", "report")
@@ -53,29 +59,13 @@ EVAL_SETS = ("harmful", "adversarial", "clean")
 METRICS = ("unsafe_rate_harmful", "unsafe_rate_adversarial", "fidelity_clean")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2))
-  tmp.replace(path)
-
-
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
-      np.uint8)
-
-
-def _to_model(images_uint8: np.ndarray) -> np.ndarray:
-  return images_uint8.astype(np.float32) / 127.5 - 1.0
-
-
 # ------------------------------------------------------------------------------ generation
 
 class Generator:
   """Pixel-space text-to-image for the base pipeline and any UNet of its shapes.
 
-  One `TextToImage` (one compiled sampler) per guard; evaluating another UNet swaps its params
-  in, so the fine-tunes reuse the compiled function.
+  One `TextToImage` (one compiled sampler) per guard; another UNet (a fine-tune) goes through
+  `TextToImage.with_unet_params`, so the fine-tunes reuse the compiled function.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, sd):
@@ -99,11 +89,11 @@ class Generator:
     if guard not in self._t2i:
       self._t2i[guard] = self._make(self.guards[guard])
     t2i = self._t2i[guard]
-    t2i.params = jax.device_put((unet_params if unet_params is not None else self.sd.unet_params,
-                                 None, self.sd.text_encoder_params))
+    if unet_params is not None:
+      t2i = t2i.with_unet_params(unet_params)
     negatives = [self.negative] * len(prompts) if guard != "none" else None
-    return _to_uint8(t2i(list(prompts), list(seeds), list(indices),
-                         [self.guidance] * len(prompts), negatives))
+    return to_uint8(t2i(list(prompts), list(seeds), list(indices),
+                        [self.guidance] * len(prompts), negatives))
 
 
 # ------------------------------------------------------------------------------ stages
@@ -153,28 +143,14 @@ def stage_candidates(config, workdir: Path, gen: Generator) -> dict:
       "fidelity_clean_prompts": float(np.mean([r["fidelity"] for r in rows
                                                if not r["is_harmful"]])),
   }
-  _write_json(out / "candidates.json", {"summary": summary, "rows": rows})
+  files.write_json(out / "candidates.json", {"summary": summary, "rows": rows})
   return summary
 
 
 def _cost_model_config(config, data_csv: Path) -> ml_collections.ConfigDict:
-  from configs import cost_model as cm_configs
-
-  cm = config.cost_model
-  cfg = cm_configs.get_config()
-  cfg.seed = config.seed
-  cfg.tiny_clip = ml_collections.ConfigDict(dict(
-      hidden_size=int(cm.tower_hidden), intermediate_size=2 * int(cm.tower_hidden),
-      num_hidden_layers=int(cm.tower_layers), num_attention_heads=4,
-      image_size=int(config.world.image_size), patch_size=int(cm.patch_size),
-      projection_dim=int(cm.tower_hidden)))
+  """The `cost_model` job's config: `config.cost_model` with the candidates' labels CSV."""
+  cfg = config.cost_model.copy_and_resolve_references()
   cfg.data.images_csv = str(data_csv)
-  cfg.data.eval_fraction = float(cm.eval_fraction)
-  cfg.data.embed_batch_size = 128
-  cfg.model.hidden_dim = int(cm.hidden_dim)
-  cfg.train.steps = int(cm.steps)
-  cfg.train.checkpoint_every = int(cm.steps)
-  cfg.train.eval_every = int(cm.steps)
   return cfg
 
 
@@ -214,7 +190,7 @@ def stage_pairs(config, workdir: Path) -> dict:
   cand = json.loads((workdir / "candidates" / "candidates.json").read_text())["rows"]
   images = np.load(workdir / "candidates" / "images.npy")
   scorer = CostModelScorer.from_workdir(workdir / "cost_model", batch_size=128)
-  costs = np.asarray(scorer(_to_model(images)), np.float32)
+  costs = np.asarray(scorer(to_model_range(images)), np.float32)
   probs = np.asarray(scorer.probability(costs), np.float32)
   out = workdir / "pairs"
   reports = {}
@@ -246,49 +222,37 @@ def stage_pairs(config, workdir: Path) -> dict:
              reward_w=np.asarray([p["reward_w"] for p in pairs], np.float32),
              reward_l=np.asarray([p["reward_l"] for p in pairs], np.float32))
     reports[kind] = report
-  _write_json(out / "pairs_report.json", reports)
+  files.write_json(out / "pairs_report.json", reports)
   return {k: {"pairs": r["pairs_total"], "harmful": r["harmful"]["pairs"],
               "clean": r["clean"]["pairs"], **r["detector"]} for k, r in reports.items()}
 
 
 def _method_spec(config, method: str) -> dict:
-  f = config.finetune
+  """A fine-tune's pair kind and its overrides of `config.finetune.train`."""
   return {"diffusion_dpo": dict(pairs="human", safety_mode="none", gamma=0.0),
-          "sc_dpo": dict(pairs="scp", safety_mode="margin", gamma=float(f.gamma)),
+          "sc_dpo": dict(pairs="scp", safety_mode="margin",
+                         gamma=float(config.finetune.train.gamma)),
           "sc_dpo_no_focus": dict(pairs="scp", safety_mode="margin", gamma=0.0)}[method]
 
 
-def _train_config(config, method: str, base: Path) -> ml_collections.ConfigDict:
-  from configs import shapeworld as sw_configs
-
-  f, spec = config.finetune, _method_spec(config, method)
-  tc = sw_configs.train_defaults()
-  tc.seed = config.seed
+def _train_config(config, method: str, base: Path, pairs: Path) -> ml_collections.ConfigDict:
+  """The `train` job's config for `method`: `config.finetune` with the base model, the pair
+  dataset and the method's loss."""
+  spec = _method_spec(config, method)
+  tc = config.finetune.copy_and_resolve_references()
   tc.model.pretrained = str(base)
-  tc.train.loss_type = "dpo"
-  tc.train.beta = float(f.beta)
+  tc.data.source = "tfds"
+  tc.data.name = str(pairs)
   tc.train.safety_mode = spec["safety_mode"]
-  tc.train.lam = float(f.lam)
   tc.train.gamma = spec["gamma"]
-  tc.train.caption_dropout = float(f.caption_dropout)
-  tc.train.pairs_per_step = int(f.pairs_per_step)
-  tc.train.grad_accum = 1
-  tc.train.num_steps = int(f.steps)
-  tc.optimizer.lr = float(f.lr)
-  tc.optimizer.warmup_steps = int(f.warmup_steps)
-  tc.checkpoint.every_steps = int(f.steps)
-  tc.checkpoint.async_save = False
-  tc.checkpoint.keep = 1
-  tc.log.every_steps = max(1, int(f.steps) // 8)
-  tc.log.tensorboard = False
   return tc
 
 
-def _pair_source(config, workdir: Path, kind: str, sd):
+def _pair_dataset(config, workdir: Path, kind: str, sd) -> Path:
   """The fine-tune's pairs as a real latent pair dataset (tfds ArrayRecord, `data/tfds_pairs.py`),
   read by the same step-indexed `PairLoader` an SD run uses. In pixel space the "latents" are
   the images in [-1, 1]. Written once per pair kind and reused."""
-  from scdpo_jax.data import loader, tfds_pairs
+  from scdpo_jax.data import tfds_pairs
   from scdpo_jax.train import loop
 
   out = workdir / "pairs" / f"{kind}_dataset"
@@ -298,10 +262,10 @@ def _pair_source(config, workdir: Path, kind: str, sd):
     data = np.load(workdir / "pairs" / f"{kind}.npz")
     if len(data["idx_w"]) == 0:
       raise ValueError(f"no {kind} pairs were built; see {workdir / 'pairs/pairs_report.json'}")
-    images = _to_model(np.load(workdir / "candidates" / "images.npy"))
+    images = to_model_range(np.load(workdir / "candidates" / "images.npy"))
     prompts = [str(p) for p in data["prompt"]]
     unique = sorted(set(prompts))
-    states = loop.encode_prompts(sd, unique, -1)
+    states = loop.encode_prompts(sd, unique, int(config.finetune.model.text_layer))
     lookup = {p: i for i, p in enumerate(unique)}
     examples = [{
         "pair_id": f"{kind}:{i}", "prompt": prompt, "category": "",
@@ -316,7 +280,7 @@ def _pair_source(config, workdir: Path, kind: str, sd):
                                    text_states_shape=tuple(states.shape[1:]))
     tfds_pairs.write_pairs(out, {"train": examples}, schema,
                            description=f"ShapeWorld {kind} pairs (pixel space)")
-  return loader.PairLoader(out, seed=config.seed, hflip=True)
+  return out
 
 
 def _finetune_done(wd: Path) -> bool:
@@ -333,9 +297,9 @@ def stage_finetune(config, workdir: Path, sd, methods: Sequence[str] = FINETUNES
       logging.info("shapeworld: finetune %s already done", method)
     else:
       wd.mkdir(parents=True, exist_ok=True)
-      source = _pair_source(config, workdir, _method_spec(config, method)["pairs"], sd)
+      pairs = _pair_dataset(config, workdir, _method_spec(config, method)["pairs"], sd)
       t0 = time.time()
-      loop.run(_train_config(config, method, workdir / "base_pipeline"), wd, pair_source=source)
+      loop.run(_train_config(config, method, workdir / "base_pipeline", pairs), wd)
       logging.info("shapeworld: finetune %s took %.0fs", method, time.time() - t0)
     result = json.loads((wd / "train_result.json").read_text())
     out[method] = {"steps": result["end_step"], "skipped": result["skipped"],
@@ -390,7 +354,7 @@ def evaluate_method(config, gen: Generator, method: str, workdir: Path) -> dict:
     result[m], result[m + "_se"] = _mean_se(per_seed[m])
   (workdir / "eval").mkdir(parents=True, exist_ok=True)
   np.save(workdir / "eval" / f"{method}_images.npy", images)
-  _write_json(workdir / "eval" / f"{method}.json", result)
+  files.write_json(workdir / "eval" / f"{method}.json", result)
   return result
 
 
@@ -451,10 +415,10 @@ def stage_report(config, workdir: Path) -> dict:
       "timings_s": timings,
   }
   report["claims"] = claims(report["methods"])
-  _write_json(workdir / "report.json", report)
+  files.write_json(workdir / "report.json", report)
   for m in METHODS:
     write_grid(config, workdir, m)
-  (workdir / "report.md").write_text(markdown(report))
+  files.write_text(workdir / "report.md", markdown(report))
   return report
 
 
@@ -547,7 +511,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     elif stage == "report":
       results[stage] = stage_report(config, workdir)["claims"]
     timings[stage] = timings.get(stage, 0.0) + time.time() - t0
-    _write_json(workdir / "timings.json", timings)
+    files.write_json(workdir / "timings.json", timings)
     logging.info("shapeworld: stage %s done in %.0fs: %s", stage, time.time() - t0,
                  json.dumps(results[stage]) if stage != "report" else results[stage])
   results["total_s"] = time.time() - t_all
