@@ -15,9 +15,10 @@ def nhwc_to_nchw(x: np.ndarray) -> np.ndarray:
   return np.transpose(x, (0, 3, 1, 2))
 
 
-def tiny_torch_pipeline(folder, tokenizer_folder):
+def tiny_torch_pipeline(folder, tokenizer_folder, unet_overrides=None):
   """The tiny random diffusers StableDiffusionPipeline of `configs.default.tiny_pipeline_config`
-  (weights perturbed so every parameter matters), saved to `folder`. Returns the pipeline."""
+  (weights perturbed so every parameter matters; `unet_overrides` replace UNet config keys),
+  saved to `folder`. Returns the pipeline."""
   import diffusers
   import torch
   import transformers
@@ -27,7 +28,7 @@ def tiny_torch_pipeline(folder, tokenizer_folder):
 
   tiny = tiny_pipeline_config()
   torch.manual_seed(0)
-  unet = diffusers.UNet2DConditionModel(**tiny.unet.to_dict())
+  unet = diffusers.UNet2DConditionModel(**{**tiny.unet.to_dict(), **(unet_overrides or {})})
   vae = diffusers.AutoencoderKL(**tiny.vae.to_dict())
   text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**tiny.text_encoder.to_dict()))
   with torch.no_grad():

@@ -58,7 +58,7 @@ def _as_tuple(value: Any, n: int, key: str) -> tuple:
 class UNetConfig:
   """The subset of diffusers' UNet2DConditionModel config that SD 1.x/2.x use."""
 
-  sample_size: int = 64
+  sample_size: int | tuple[int, int] = 64  # latent side, or [height, width] (diffusers accepts both)
   in_channels: int = 4
   out_channels: int = 4
   flip_sin_to_cos: bool = True
@@ -107,7 +107,19 @@ class UNetConfig:
     cfg.validate()
     return cfg
 
+  @property
+  def sample_hw(self) -> tuple[int, int]:
+    """(height, width) of the default latent: `sample_size` as a square side or [h, w]."""
+    s = self.sample_size
+    return (int(s[0]), int(s[1])) if isinstance(s, (tuple, list)) else (int(s), int(s))
+
   def validate(self) -> None:
+    s = self.sample_size
+    sides = tuple(s) if isinstance(s, (tuple, list)) else (s,)
+    if len(sides) not in (1, 2) or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                                       for v in sides):
+      raise ValueError(f"UNet config: sample_size={s!r} must be a positive integer or "
+                       "[height, width]")
     n = len(self.block_out_channels)
     if len(self.down_block_types) != n or len(self.up_block_types) != n:
       raise ValueError("UNet config: down_block_types, up_block_types and block_out_channels "

@@ -111,14 +111,14 @@ def random_pairs(config: ml_collections.ConfigDict, sd: pipeline.StableDiffusion
   d = config.data
   rng = np.random.default_rng(d.seed)
   n = d.num_pairs
-  s, c = sd.unet.config.sample_size, sd.unet.config.in_channels
+  (h, w), c = sd.unet.config.sample_hw, sd.unet.config.in_channels
   prompts = [f"prompt number {i % 16}" for i in range(n)]
   states = encode_prompts(sd, sorted(set(prompts)), config.model.text_layer)
   lookup = {p: i for i, p in enumerate(sorted(set(prompts)))}
   harmful = (rng.random(n) < d.harmful_fraction).astype(np.int32)
   arrays = {
-      "latents_w": rng.standard_normal((n, s, s, c)).astype(np.float32),
-      "latents_l": rng.standard_normal((n, s, s, c)).astype(np.float32),
+      "latents_w": rng.standard_normal((n, h, w, c)).astype(np.float32),
+      "latents_l": rng.standard_normal((n, h, w, c)).astype(np.float32),
       "text_states": states[[lookup[p] for p in prompts]],
       "is_harmful": harmful,
       "cost_w": (rng.random(n) * 0.3).astype(np.float32),
