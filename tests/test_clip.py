@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 from scdpo_jax.models import clip, clip_config, clip_io, convert, io, layers  # noqa: E402
 from torch_refs import nchw_to_nhwc, to_numpy  # noqa: E402

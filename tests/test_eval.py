@@ -13,16 +13,15 @@ import sys
 
 import numpy as np
 import pytest
+import diffusers
+import torch
+import transformers
 import jax
 import jax.numpy as jnp
 
 from scdpo_jax.evaluation import export, job, metrics, prompts as prompts_lib
 from scdpo_jax.models import pipeline, tokenizer
 from tests.torch_refs import nchw_to_nhwc, nhwc_to_nchw, to_numpy
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
 
 
 def _images(seed, n, h, w):

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch  # noqa: F401  (test dependency: a broken install fails, never skips)
+import transformers  # noqa: F401
 
 from scdpo_jax import jobs
 from scdpo_jax.evaluation import job, metrics
 from tests.test_eval import tiny_clip  # noqa: F401  (module-scoped fixture)
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parent.parent
 NEGATIVE = "blurry, low quality"

@@ -11,14 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import diffusers
+import torch
+import transformers
 from flax.core import meta
 
 from scdpo_jax.models import io, layers, pipeline, tokenizer, vae as vae_lib
 from tests.torch_refs import nchw_to_nhwc, nhwc_to_nchw, tiny_torch_pipeline, to_numpy
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parent.parent
 

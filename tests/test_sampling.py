@@ -11,6 +11,9 @@
 
 import numpy as np
 import pytest
+import diffusers
+import torch
+import transformers
 import jax
 import jax.numpy as jnp
 
@@ -19,9 +22,6 @@ from scdpo_jax.models import pipeline, schedule as sch, tokenizer
 from scdpo_jax.sampling import generate, guards, samplers
 from tests.torch_refs import nhwc_to_nchw, tiny_torch_pipeline
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.filterwarnings(  # diffusers DPM-Solver on numpy 2 + torch
     "ignore:__array__ implementation:DeprecationWarning")

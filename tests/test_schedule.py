@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
+import diffusers
+import torch
 import jax.numpy as jnp
 
 from scdpo_jax.models import schedule as sch
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 
 SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
             beta_schedule="scaled_linear", prediction_type="epsilon")

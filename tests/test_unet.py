@@ -6,10 +6,12 @@ precision; the remaining difference is summation order).
 
 import json
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from scdpo_jax.models import convert, io
 from scdpo_jax.models.layers import abstract_params
@@ -17,9 +19,6 @@ from scdpo_jax.models.unet import UNet2DConditionModel
 from scdpo_jax.models.unet_config import UNetConfig
 from scdpo_jax.models.unet_io import load_unet, save_unet
 from tests.torch_refs import nchw_to_nhwc, nhwc_to_nchw, to_numpy
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 
 SD1_TINY = dict(
     sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
@@ -61,13 +60,23 @@ def _torch_out(model, sample, timesteps, context):
   return nchw_to_nhwc(to_numpy(out))
 
 
+def _reference(name, tmp_path_factory):
+  kwargs = SD1_TINY if name == "sd1" else SD2_TINY
+  model = _torch_unet(kwargs, seed=1 if name == "sd1" else 2)
+  folder = tmp_path_factory.mktemp(f"unet_{name}")
+  model.save_pretrained(folder)
+  return name, kwargs, model, folder
+
+
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
 def reference(request, tmp_path_factory):
-  kwargs = SD1_TINY if request.param == "sd1" else SD2_TINY
-  model = _torch_unet(kwargs, seed=1 if request.param == "sd1" else 2)
-  folder = tmp_path_factory.mktemp(f"unet_{request.param}")
-  model.save_pretrained(folder)
-  return request.param, kwargs, model, folder
+  return _reference(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sd1_reference(tmp_path_factory):
+  """The SD1 case alone, for the tests one config is enough for (no skipped sd2 copies)."""
+  return _reference("sd1", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +119,8 @@ def test_export_round_trip(reference, apply_fn, tmp_path):
   assert saved_cfg["use_linear_projection"] == kwargs.get("use_linear_projection", False)
 
 
-def test_save_rejects_params_of_another_config(reference, tmp_path):
-  name, kwargs, _, folder = reference
-  if name != "sd1":
-    pytest.skip("one config is enough")
+def test_save_rejects_params_of_another_config(sd1_reference, tmp_path):
+  name, kwargs, _, folder = sd1_reference
   _, params = load_unet(folder)
   other = UNetConfig.from_dict({**kwargs, "cross_attention_dim": 16})
   with pytest.raises(convert.CheckpointMismatchError, match="cannot save UNet.*attn2/to_k"):
@@ -121,10 +128,8 @@ def test_save_rejects_params_of_another_config(reference, tmp_path):
   assert not (tmp_path / "unet").exists()
 
 
-def test_bf16_compute_close_to_fp32(reference, apply_fn):
-  name, kwargs, _, folder = reference
-  if name != "sd1":
-    pytest.skip("one config is enough")
+def test_bf16_compute_close_to_fp32(sd1_reference, apply_fn):
+  name, kwargs, _, folder = sd1_reference
   model32, params = load_unet(folder)
   model16, _ = load_unet(folder, dtype=jnp.bfloat16)
   sample, t, ctx = _inputs(kwargs)
@@ -135,10 +140,8 @@ def test_bf16_compute_close_to_fp32(reference, apply_fn):
   assert rel < 0.05
 
 
-def test_remat_gives_same_gradients(reference):
-  name, kwargs, _, folder = reference
-  if name != "sd1":
-    pytest.skip("one config is enough")
+def test_remat_gives_same_gradients(sd1_reference):
+  name, kwargs, _, folder = sd1_reference
   sample, t, ctx = _inputs(kwargs)
   grads = []
   for policy in ("none", "block"):
@@ -179,10 +182,8 @@ def test_missing_folder_and_bin_only(tmp_path):
     load_unet(folder)
 
 
-def test_shape_and_key_mismatch_lists_keys(reference, tmp_path):
-  name, kwargs, _, folder = reference
-  if name != "sd1":
-    pytest.skip("one config is enough")
+def test_shape_and_key_mismatch_lists_keys(sd1_reference, tmp_path):
+  name, kwargs, _, folder = sd1_reference
   from safetensors.numpy import load_file, save_file
   state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
   bad = dict(state)

@@ -6,6 +6,8 @@ import types
 
 import numpy as np
 import pytest
+import diffusers
+import torch
 import jax
 import jax.numpy as jnp
 from flax.core import meta
@@ -14,8 +16,6 @@ from safetensors.numpy import load_file, save_file
 from scdpo_jax.models import convert, io, layers, vae, vae_config, vae_io
 from torch_refs import nchw_to_nhwc, nhwc_to_nchw, to_numpy
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 
 TOL = 1e-4
 IMAGE_SIDE = 16
