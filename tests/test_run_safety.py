@@ -59,6 +59,17 @@ def test_resume_refuses_changed_settings_and_names_them(base, tmp_path):
   assert result["start_step"] == 2 and result["end_step"] == 3
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_damaged_weights_file_is_named(base, tmp_path, damage):
+  from scdpo_jax.models import io
+  other = tmp_path / "base"
+  shutil.copytree(base, other)
+  weights = other / "unet" / "diffusion_pytorch_model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:1000] if damage == "truncated" else b"")
+  with pytest.raises(io.CheckpointReadError, match=f"cannot read {weights}.*truncated"):
+    loop.run(_config(str(other)), tmp_path / "w")
+
+
 def test_invalid_hyper_parameters_are_refused_before_loading(base, tmp_path):
   for key, value in (("train.beta", -5.0), ("train.lam", -1.0), ("optimizer.lr", 0.0),
                      ("train.gamma", -1.0)):

@@ -12,8 +12,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from scdpo_jax.errors import UserError
 
-class CheckpointNotFoundError(FileNotFoundError):
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
   """A model folder, component or weight file is missing or unusable."""
 
 
@@ -54,20 +56,36 @@ def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
     f.write("\n")
 
 
+class CheckpointReadError(UserError, ValueError):
+  """A weights file exists but cannot be read."""
+
+
+def read_safetensors_file(path: Path, what: str) -> dict[str, np.ndarray]:
+  """One `.safetensors` file as NumPy arrays; a damaged file is an error that names it."""
+  from safetensors.numpy import load_file
+
+  try:
+    return dict(load_file(str(path)))
+  except Exception as e:  # safetensors raises SafetensorError / OSError with no file name
+    size = path.stat().st_size
+    raise CheckpointReadError(
+        f"{what}: cannot read {path} ({size} bytes): {e}. Expected a complete .safetensors "
+        "file (an 8-byte header length, a JSON header, then the tensor data); the file is "
+        "probably truncated or was still being written: copy it again") from None
+
+
 def load_safetensors(folder: str | os.PathLike, stem: str, what: str,
                      variant: str | None = None) -> dict[str, np.ndarray]:
   """Load `<stem>[.<variant>].safetensors` (or its sharded `.safetensors.index.json`) from folder.
 
   `stem` is "diffusion_pytorch_model" for diffusers components and "model" for transformers ones.
   """
-  from safetensors.numpy import load_file
-
   folder = require_dir(folder, what)
   name = f"{stem}.{variant}" if variant else stem
   single = folder / f"{name}.safetensors"
   index = folder / f"{name}.safetensors.index.json"
   if single.is_file():
-    return dict(load_file(str(single)))
+    return read_safetensors_file(single, what)
   if index.is_file():
     weight_map = read_json(index, f"{what} shard index")["weight_map"]
     out: dict[str, np.ndarray] = {}
@@ -76,7 +94,7 @@ def load_safetensors(folder: str | os.PathLike, stem: str, what: str,
       if not shard_path.is_file():
         raise CheckpointNotFoundError(
             f"{what}: shard {shard_path} listed in {index} is missing")
-      out.update(load_file(str(shard_path)))
+      out.update(read_safetensors_file(shard_path, what))
     return out
   bins = sorted(p.name for p in folder.glob("*.bin"))
   if bins:
