@@ -143,6 +143,51 @@ def test_metrics_after_resume_equal_an_uninterrupted_run(base, tmp_path):
   assert finished["losses"] and first["losses"]
 
 
+def _tensorboard_purges(folder: Path) -> list[int]:
+  """Steps of the SessionLog.START events (TensorBoard's purge markers) in every event file."""
+  import struct
+  from tensorboardX.proto import event_pb2
+
+  steps = []
+  for path in sorted(folder.glob("events.out.tfevents.*")):
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      if event.HasField("session_log") and event.session_log.status == 1:  # START
+        steps.append(event.step)
+  return steps
+
+
+def test_tensorboard_purges_events_after_the_restored_step(base, tmp_path):
+  config = _config(base, **{"train.num_steps": 3, "checkpoint.every_steps": 2,
+                            "log.tensorboard": True})
+  loop.run(config, tmp_path)
+  shutil.rmtree(tmp_path / "checkpoints" / "3")
+  loop.run(_config(base, **{"train.num_steps": 4, "checkpoint.every_steps": 2,
+                            "log.tensorboard": True}), tmp_path)
+  assert _tensorboard_purges(tmp_path / "tensorboard") == [3]  # events from step 3 on replaced
+
+
+def test_full_disk_is_one_line_naming_the_folder(tmp_path, monkeypatch):
+  import errno
+  from scdpo_jax.train import checkpoint
+  ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+
+  def no_space(*args, **kwargs):
+    try:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError as e:
+      raise RuntimeError("Event loop is closed") from e
+
+  monkeypatch.setattr(ckpt.manager, "save", no_space)
+  with pytest.raises(checkpoint.CheckpointDiskFullError) as err:
+    ckpt.save(1, {"x": np.zeros(2)}, {}, {})
+  assert str(err.value).count("\n") == 0
+  assert f"writing checkpoints to {tmp_path / 'checkpoints'}" in str(err.value)
+
+
 def _cli(args, cwd=ROOT, **kwargs):
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
   return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, env=env,
