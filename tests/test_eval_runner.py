@@ -153,3 +153,16 @@ def test_resume_with_other_settings_is_refused(first_run):
   workdir, overrides, _ = first_run
   with pytest.raises(ValueError, match=r"num_steps: 4 -> 3"):
     jobs.run(_config(overrides, **{"sampling.num_steps": 3}), workdir)
+
+
+def test_config_literals_equal_the_library_defaults():
+  """configs/ hold literal data (they import no library code): the default sharding rules and
+  the NudeNet class sets must stay what the library uses without a config."""
+  from configs import common, eval_i2p
+  from scdpo_jax import parallel
+
+  assert common.SHARDING_RULES == parallel.DEFAULT_RULES
+  config = eval_i2p.get_config()
+  assert tuple(map(tuple, config.sharding_rules)) == parallel.DEFAULT_RULES
+  assert tuple(config.metrics.nudenet.broad_classes) == metrics.NUDENET_BROAD_CLASSES
+  assert tuple(config.metrics.nudenet.strict_classes) == metrics.NUDENET_STRICT_CLASSES

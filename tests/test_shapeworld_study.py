@@ -93,3 +93,54 @@ def test_unknown_stage_is_rejected():
   config.only = "pretrain,bogus"
   with pytest.raises(ValueError, match="bogus"):
     study.selected_stages(config)
+
+
+def _flat(config, prefix=""):
+  out = {}
+  for k, v in config.items():
+    if hasattr(v, "items"):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def test_stages_run_their_job_configs_composed_into_the_study():
+  from pathlib import Path
+
+  from configs import cost_model, default
+
+  config = shapeworld_ci.get_config()
+  assert set(_flat(config.finetune)) == set(_flat(default.get_config()))
+  assert set(_flat(config.cost_model)) == set(_flat(cost_model.get_config()))
+  finetune = _flat(config.finetune)
+  for method, changed in (("sc_dpo", set()), ("sc_dpo_no_focus", {"train.gamma"}),
+                          ("diffusion_dpo", {"train.gamma", "train.safety_mode"})):
+    train = _flat(study._train_config(config, method, Path("/base"), Path("/pairs")))
+    assert {k for k in finetune if train[k] != finetune[k]} == changed | {
+        "model.pretrained", "data.source", "data.name"}, method
+  cm = _flat(study._cost_model_config(config, Path("/labels.csv")))
+  assert {k for k in cm if cm[k] != _flat(config.cost_model)[k]} == {"data.images_csv"}
+  config.seed = 7  # one seed for the study and every stage
+  assert config.finetune.seed == config.finetune.data.seed == config.cost_model.seed == 7
+
+
+def test_library_and_configs_do_not_import_each_other():
+  import ast
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  root = Path(__file__).resolve().parent.parent
+  for path in (root / "scdpo_jax").rglob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+               [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+      assert not any(n == "configs" or n.startswith("configs.") for n in names), path
+  code = ("import importlib, pathlib, sys\n"
+          "for p in sorted(pathlib.Path('configs').glob('*.py')):\n"
+          "  importlib.import_module('configs.' + p.stem).__dict__.get('get_config', dict)()\n"
+          "print(sorted(m for m in sys.modules if m.startswith('scdpo_jax')))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                       check=True).stdout
+  assert out.strip() == "[]"
