@@ -51,8 +51,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   @jax.jit
   def denoise_once(unet_p, vae_p, text_p, ids, rng):
     states = sd.text_encoder.apply({"params": text_p}, ids).last_hidden_state
-    s = sd.unet.config.sample_size
-    x_t = jax.random.normal(rng, (ids.shape[0], s, s, sd.unet.config.in_channels), dtype)
+    h, w = sd.unet.config.sample_hw
+    x_t = jax.random.normal(rng, (ids.shape[0], h, w, sd.unet.config.in_channels), dtype)
     t = jnp.full((ids.shape[0],), sd.schedule.num_train_timesteps - 1)
     out = sd.unet.apply({"params": unet_p}, x_t, t, states)
     x0, _ = schedule.predict_x0_and_eps(sd.schedule, out.astype(jnp.float32), x_t, t)

@@ -78,9 +78,9 @@ class TextToImage:
     self.batch_size = int(batch_size)
     self.mesh = mesh
     factor = sd.vae.config.downsample_factor if sd.vae is not None else 1
-    default = sd.unet.config.sample_size * factor
-    self.height = int(settings.height or default)
-    self.width = int(settings.width or default)
+    default_h, default_w = (side * factor for side in sd.unet.config.sample_hw)
+    self.height = int(settings.height or default_h)
+    self.width = int(settings.width or default_w)
     if self.height % factor or self.width % factor:
       raise ValueError(f"height/width must be multiples of the VAE factor {factor}, got "
                        f"{self.height}x{self.width}")
