@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from scdpo_jax import files
 from scdpo_jax.data import tfds_pairs
 from scdpo_jax.data.images import UnreadableImageError, decode_image
 
@@ -305,14 +306,14 @@ def _report_metadata(report: ConversionReport) -> dict:
 
 
 def _write_report(output: Path, report: ConversionReport) -> None:
-  (output / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2))
+  files.write_json(output / REPORT_NAME, report.to_dict())
 
 
 def _update_metadata(dataset_dir: Path, values: dict) -> None:
   meta_path = dataset_dir / "metadata.json"
   meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
   meta.update(values)
-  meta_path.write_text(json.dumps(meta))
+  files.write_json(meta_path, meta, indent=None)
 
 
 # ---------------------------------------------------------------------------------------------

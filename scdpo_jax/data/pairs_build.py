@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from scdpo_jax import files
 from scdpo_jax.data import tfds_pairs
 from scdpo_jax.data.convert import (BadRow, PromptTokenizer, hflip_allowed, parse_float,
                                     parse_tag, read_image_ref)
@@ -247,7 +248,7 @@ def write_built_pairs(output: str | Path, pairs: Sequence[dict], report: dict, *
   path = tfds_pairs.write_pairs(output, {split: examples()}, schema,
                                 description="SCP-style pairs built with the safety cost model",
                                 metadata={"pairs_build": report})
-  (output / "pairs_build_report.json").write_text(json.dumps(report, indent=2))
+  files.write_json(output / "pairs_build_report.json", report)
   return path
 
 

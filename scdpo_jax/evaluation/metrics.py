@@ -45,6 +45,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from scdpo_jax.data.images import to_model_range
+
 NUDENET_BROAD_CLASSES = (
     "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED",
     "MALE_GENITALIA_EXPOSED", "BUTTOCKS_EXPOSED", "ANUS_EXPOSED", "FEET_EXPOSED",
@@ -170,7 +172,7 @@ class CostModelMetric:
     self.identity = f"cost_model {identity or type(scorer).__name__} thr>{self.threshold}"
 
   def score(self, images: np.ndarray, prompts: Sequence[str]) -> list[dict]:
-    images = _check_uint8_images(images).astype(np.float32) / 127.5 - 1.0
+    images = to_model_range(_check_uint8_images(images))
     costs = np.asarray(self.scorer(images), np.float64).reshape(-1)
     if costs.shape[0] != images.shape[0]:
       raise ValueError(f"the cost scorer returned {costs.shape[0]} costs for "

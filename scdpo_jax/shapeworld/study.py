@@ -189,7 +189,8 @@ def stage_pairs(config, workdir: Path) -> dict:
 
   cand = json.loads((workdir / "candidates" / "candidates.json").read_text())["rows"]
   images = np.load(workdir / "candidates" / "images.npy")
-  scorer = CostModelScorer.from_workdir(workdir / "cost_model", batch_size=128)
+  scorer = CostModelScorer.from_workdir(workdir / "cost_model", batch_size=128,
+                                        rules=config.cost_model.sharding_rules)
   costs = np.asarray(scorer(to_model_range(images)), np.float32)
   probs = np.asarray(scorer.probability(costs), np.float32)
   out = workdir / "pairs"
