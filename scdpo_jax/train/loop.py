@@ -23,7 +23,7 @@ from absl import logging
 from scdpo_jax import files, parallel
 from scdpo_jax.errors import ConfigError
 from scdpo_jax.data.batch import PAIR_KEYS
-from scdpo_jax.models import pipeline, tokenizer, unet_io
+from scdpo_jax.models import pipeline, tiny, tokenizer, unet_io
 from scdpo_jax.train import optim, resume, state as state_lib
 from scdpo_jax.train.checkpoint import Checkpointer
 from scdpo_jax.train.metrics_writer import MetricsWriter
@@ -78,23 +78,11 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
 # ------------------------------------------------------------------------------ model and data
 
 def base_model_folder(config: ml_collections.ConfigDict, workdir: Path) -> Path:
-  """The pretrained folder, or a tiny random pipeline written once into the workdir."""
+  """The pretrained folder, or the tiny random pipeline of `model.tiny` written once into the
+  workdir (`models/tiny.py`)."""
   if config.model.pretrained:
     return Path(config.model.pretrained)
-  folder = workdir / "base_pipeline"
-  if not (folder / "model_index.json").is_file():
-    if jax.process_index() == 0:
-      tiny = config.model.tiny
-      tok = tokenizer.write_byte_level_tokenizer(
-          workdir / "base_tokenizer", tiny.text_encoder.max_position_embeddings)
-      sd = pipeline.random_stable_diffusion(
-          tiny.unet.to_dict(), tiny.vae.to_dict(), tiny.text_encoder.to_dict(),
-          tiny.scheduler.to_dict(), tok, seed=config.seed)
-      pipeline.save_stable_diffusion(folder, sd)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("base_pipeline_written")
-  return folder
+  return tiny.tiny_pipeline_folder(config.model.tiny, workdir / "base_pipeline", seed=config.seed)
 
 
 def encode_prompts(sd: pipeline.StableDiffusion, prompts: list[str], layer: int) -> np.ndarray:
