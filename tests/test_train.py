@@ -74,15 +74,35 @@ def test_training_writes_metrics_checkpoints_and_export(tmp_path):
   np.testing.assert_array_equal(params["conv_in"]["kernel"], final["conv_in"]["kernel"])
 
 
+def _assert_same_params(a, b, atol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+def _metric_series(workdir: Path, key: str) -> list[float]:
+  return [json.loads(l)[key] for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+# dual mode (lambda is state and moves every step) with gamma ramped 0 -> 2 over 4 steps
+DUAL_RAMP = {"train.safety_mode": "dual", "train.dual_lr": 1.0, "train.cost_budget": 0.1,
+             "train.gamma": 2.0, "train.gamma_start": 0.0, "train.gamma_ramp_steps": 4}
+
+
 def test_resume_gives_the_same_trajectory(tmp_path):
-  full = _run(tmp_path / "full", **{"train.num_steps": 6})
-  first = _run(tmp_path / "split", **{"train.num_steps": 3})
-  second = _run(tmp_path / "split", **{"train.num_steps": 6})
+  full = _run(tmp_path / "full", **{**DUAL_RAMP, "train.num_steps": 6})
+  first = _run(tmp_path / "split", **{**DUAL_RAMP, "train.num_steps": 3})
+  second = _run(tmp_path / "split", **{**DUAL_RAMP, "train.num_steps": 6})
   assert second["start_step"] == 3
   np.testing.assert_allclose(first["losses"] + second["losses"], full["losses"], atol=1e-6,
                              rtol=0)
-  for a, b in zip(jax.tree.leaves(full["state"].params), jax.tree.leaves(second["state"].params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+  _assert_same_params(full["state"].params, second["state"].params, atol=1e-6)
+  # the ramp and the dual variable continue where they stopped
+  np.testing.assert_allclose(_metric_series(tmp_path / "split", "gamma"),
+                             [0.0, 0.5, 1.0, 1.5, 2.0, 2.0], rtol=1e-6)
+  lam = _metric_series(tmp_path / "full", "lambda")
+  assert len(set(lam)) == 6, lam  # lambda moved every step
+  np.testing.assert_allclose(_metric_series(tmp_path / "split", "lambda"), lam, rtol=1e-6)
+  np.testing.assert_allclose(float(second["state"].lam), float(full["state"].lam), rtol=1e-6)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
@@ -144,6 +164,11 @@ def test_sigterm_saves_and_resumes(tmp_path):
   assert Checkpointer(tmp_path / "checkpoints").latest_step() == 3
   resumed = loop.run(config, tmp_path)
   assert resumed["start_step"] == 3 and resumed["end_step"] == 5
+  # the interrupted + resumed trajectory is the uninterrupted one
+  full = loop.run(config, tmp_path / "full")
+  np.testing.assert_allclose(result["losses"] + resumed["losses"], full["losses"], atol=1e-6,
+                             rtol=0)
+  _assert_same_params(resumed["state"].params, full["state"].params, atol=1e-6)
 
 
 def test_config_errors_come_before_any_compile(tmp_path):
@@ -249,10 +274,12 @@ def _free_port() -> int:
 def test_two_processes_match_one(tmp_path):
   """jax.distributed over 2 CPU processes on localhost; each reads only its half of the batch."""
   port = _free_port()
-  spec = {"runs": {"mh": {"model.pretrained": BASE,
+  steps = 4
+  spec = {"runs": {"mh": {"model.pretrained": BASE, "train.num_steps": steps,
                           "distributed.coordinator_address": f"127.0.0.1:{port}",
                           "distributed.num_processes": 2}},
-          "workdir": str(tmp_path), "result": str(tmp_path / "result.json")}
+          "workdir": str(tmp_path), "result": str(tmp_path / "result.json"),
+          "save_params": True}
   procs = []
   for pid in range(2):
     spec_pid = json.loads(json.dumps(spec))
@@ -267,5 +294,13 @@ def test_two_processes_match_one(tmp_path):
     assert p.returncode == 0, err[-4000:]
   multi = json.loads((tmp_path / "result.json").read_text())["mh"]
   assert "error" not in multi, multi
-  single = _run(tmp_path / "one")
+  single = _run(tmp_path / "one", **{"train.num_steps": steps})
+  assert len(multi["losses"]) == steps
   np.testing.assert_allclose(multi["losses"], single["losses"], atol=1e-5)
+  # parameters after the steps (the first loss alone does not depend on the model: policy = ref)
+  params = np.load(tmp_path / "mh_params.npz")
+  from flax import traverse_util
+  flat = traverse_util.flatten_dict(jax.device_get(single["state"].params))
+  assert set(params.files) == {"/".join(k) for k in flat}
+  for key, value in flat.items():
+    np.testing.assert_allclose(params["/".join(key)], value, atol=1e-5, err_msg="/".join(key))
