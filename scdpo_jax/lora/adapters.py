@@ -1,0 +1,221 @@
+"""LoRA adapters over our parameter trees, as pure functions (no forked model definitions).
+
+A LoRA tree mirrors the module paths of the base `params` tree it adapts: for every adapted
+kernel `<module path>/kernel` it holds `<module path>/lora_A` and `<module path>/lora_B`, in
+Flax kernel layouts so that `convert.torch_layout` turns them into peft's `lora_A.weight` /
+`lora_B.weight`:
+
+* Dense kernel (in, out): A (in, r), B (r, out); logical axes (in_axis, None) and (None,
+  out_axis), mirroring the base kernel's;
+* Conv kernel (kh, kw, in, out): A (kh, kw, in, r) (peft's lora_A is a conv with the base
+  kernel size, stride and padding), B (1, 1, r, out) (a 1x1 conv).
+
+The adapted weight is `W + scale * A @ B` with `scale = alpha / rank` (peft's `lora_alpha / r`).
+`merge(base, lora, scale)` returns that tree; the LoRA train step applies the unchanged UNet to
+it, so the base is an argument (frozen, shared with the DPO reference) and only the LoRA tree
+is differentiated.
+
+Which kernels are adapted: `config.lora.targets`, regular expressions matched with
+`re.fullmatch` against the module path joined by '/', e.g.
+`down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q` (`TARGET_PRESETS` names the usual
+sets). Only 2-D (Dense) and 4-D (Conv) kernels can be adapted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import zlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+from flax.core import meta
+
+from scdpo_jax.errors import ConfigError
+
+INITS = ("gaussian", "kaiming")
+
+# Named sets of target rules (module paths of our UNet; `config.lora.targets` may list preset
+# names and regular expressions side by side).
+TARGET_PRESETS = {
+    # diffusers' Diffusion-DPO / SafetyDPO recipe: to_q, to_k, to_v, to_out.0 of every block
+    "attention": (r".*transformer_blocks_\d+/attn[12]/(to_q|to_k|to_v|to_out_0)",),
+    "feed_forward": (r".*transformer_blocks_\d+/ff/(net_0/proj|net_2)",),
+    "proj": (r".*attentions_\d+/(proj_in|proj_out)",),
+    "resnet_conv": (r".*resnets_\d+/(conv1|conv2|conv_shortcut)",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """What `config.lora` asks for."""
+
+  rank: int = 4
+  alpha: float = 4.0
+  init: str = "gaussian"
+  dropout: float = 0.0
+  targets: tuple[str, ...] = ("attention",)
+
+  @property
+  def scale(self) -> float:
+    return float(self.alpha) / float(self.rank)
+
+  @property
+  def patterns(self) -> tuple[str, ...]:
+    out = []
+    for t in self.targets:
+      out.extend(TARGET_PRESETS.get(t, (t,)))
+    return tuple(out)
+
+  def validate(self) -> None:
+    if not (isinstance(self.rank, int) and self.rank >= 1):
+      raise ConfigError(f"lora.rank must be an integer >= 1, got {self.rank!r}")
+    if not self.alpha > 0:
+      raise ConfigError(f"lora.alpha must be > 0, got {self.alpha}")
+    if self.init not in INITS:
+      raise ConfigError(f"lora.init={self.init!r}; supported: {INITS}")
+    if self.dropout != 0.0:
+      raise ConfigError(
+          f"lora.dropout={self.dropout}: only 0 is supported (the adapters are merged into the "
+          "weights, W + scale * A @ B, and dropout on the LoRA branch's input has no merged "
+          "form); the Diffusion-DPO / SafetyDPO recipes use 0")
+    if not self.targets:
+      raise ConfigError("lora.targets is empty: name at least one rule or preset "
+                        f"({sorted(TARGET_PRESETS)})")
+    for p in self.patterns:
+      try:
+        re.compile(p)
+      except re.error as e:
+        raise ConfigError(f"lora.targets: bad regular expression {p!r}: {e}") from None
+
+
+def spec_from_config(lora_config: ml_collections.ConfigDict) -> LoraSpec:
+  targets = lora_config.targets
+  if isinstance(targets, str):
+    targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+  return LoraSpec(rank=int(lora_config.rank), alpha=float(lora_config.alpha),
+                  init=str(lora_config.init), dropout=float(lora_config.dropout),
+                  targets=tuple(targets))
+
+
+def enabled(config: ml_collections.ConfigDict) -> bool:
+  """True when the run trains LoRA adapters (`config.lora.enabled`)."""
+  return "lora" in config and bool(config.lora.enabled)
+
+
+def module_key(path: Sequence[str]) -> str:
+  return "/".join(path)
+
+
+def target_modules(base_params: Any, patterns: Sequence[str]) -> list[tuple[str, ...]]:
+  """Module paths (without the `kernel` leaf) of the base kernels matched by `patterns`, sorted."""
+  flat = traverse_util.flatten_dict(meta.unbox(base_params))
+  compiled = [re.compile(p) for p in patterns]
+  out = []
+  for path, leaf in flat.items():
+    if path[-1] != "kernel" or len(leaf.shape) not in (2, 4):
+      continue
+    key = module_key(path[:-1])
+    if any(c.fullmatch(key) for c in compiled):
+      out.append(path[:-1])
+  return sorted(out)
+
+
+def _axes_of(boxed_leaf: Any, ndim: int) -> tuple:
+  if isinstance(boxed_leaf, meta.AxisMetadata):
+    names = tuple(boxed_leaf.names)
+  else:
+    names = (None,) * ndim
+  return names
+
+
+def lora_shapes(kernel_shape: Sequence[int], rank: int) -> tuple[tuple, tuple]:
+  if len(kernel_shape) == 2:
+    fan_in, fan_out = kernel_shape
+    return (fan_in, rank), (rank, fan_out)
+  kh, kw, fan_in, fan_out = kernel_shape
+  return (kh, kw, fan_in, rank), (1, 1, rank, fan_out)
+
+
+def abstract_lora(boxed_base: Any, spec: LoraSpec, dtype=jnp.float32) -> Any:
+  """The LoRA tree as `nn.LogicallyPartitioned` ShapeDtypeStructs (the base's logical axes on
+  the in / out dimensions, none on the rank)."""
+  import flax.linen as nn
+
+  flat = traverse_util.flatten_dict(boxed_base)  # boxes are not dicts: they stay leaves
+  modules = target_modules(boxed_base, spec.patterns)
+  if not modules:
+    raise ConfigError(f"lora.targets {spec.targets} match no Dense / Conv kernel of the model "
+                      "(rules are matched with re.fullmatch against module paths such as "
+                      "'down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q')")
+  out = {}
+  for module in modules:
+    leaf = flat[module + ("kernel",)]
+    shape = tuple(meta.unbox(leaf).shape)
+    names = _axes_of(leaf, len(shape))
+    a_shape, b_shape = lora_shapes(shape, spec.rank)
+    if len(shape) == 2:
+      a_names, b_names = (names[0], None), (None, names[1])
+    else:
+      a_names, b_names = (None, None, names[2], None), (None, None, None, names[3])
+    out[module + ("lora_A",)] = nn.LogicallyPartitioned(
+        jax.ShapeDtypeStruct(a_shape, dtype), a_names)
+    out[module + ("lora_B",)] = nn.LogicallyPartitioned(
+        jax.ShapeDtypeStruct(b_shape, dtype), b_names)
+  return traverse_util.unflatten_dict(out)
+
+
+def init_lora(abstract: Any, spec: LoraSpec, seed: int) -> Any:
+  """Host NumPy LoRA params: B = 0; A ~ N(0, (1/r)^2) (`gaussian`, peft's
+  `init_lora_weights="gaussian"`: std 1/r) or U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (`kaiming`,
+  peft's default: kaiming_uniform with a = sqrt(5); fan_in = in * kh * kw). Each module draws
+  from its own key, fold_in(seed, crc32(path)), so the init does not depend on which other
+  modules are adapted."""
+  flat = traverse_util.flatten_dict(meta.unbox(abstract))
+  out = {}
+  for path, s in flat.items():
+    if path[-1] == "lora_B":
+      out[path] = np.zeros(s.shape, s.dtype)
+      continue
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(module_key(path).encode()))
+    fan_in = math.prod(s.shape[:-1])
+    if spec.init == "gaussian":
+      a = jax.random.normal(key, s.shape, jnp.float32) / spec.rank
+    else:
+      bound = 1.0 / math.sqrt(fan_in)
+      a = jax.random.uniform(key, s.shape, jnp.float32, -bound, bound)
+    out[path] = np.asarray(a, s.dtype)
+  return traverse_util.unflatten_dict(out)
+
+
+def delta(lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
+  """A @ B in the base kernel's layout: (in, out) for Dense, (kh, kw, in, out) for Conv."""
+  if lora_a.ndim == 2:
+    return lora_a @ lora_b
+  return jnp.einsum("hwir,ro->hwio", lora_a, lora_b[0, 0])
+
+
+def merge(base_params: Any, lora_params: Any, scale: float) -> Any:
+  """base + scale * A @ B on every adapted kernel (a new tree; the inputs are not changed).
+
+  Pure and traceable: the train step calls it on its arguments. An adapted kernel comes out in
+  the promoted dtype of base and LoRA (fp32 for fp32 adapters); other leaves are the base's."""
+  flat_lora = traverse_util.flatten_dict(meta.unbox(lora_params))
+  modules = sorted({p[:-1] for p in flat_lora})
+  flat = dict(traverse_util.flatten_dict(base_params))
+  for module in modules:
+    kernel = flat.get(module + ("kernel",))
+    if kernel is None:
+      raise ValueError(f"LoRA module {module_key(module)} has no kernel in the base params")
+    d = delta(flat_lora[module + ("lora_A",)], flat_lora[module + ("lora_B",)])
+    if d.shape != kernel.shape:
+      raise ValueError(f"LoRA module {module_key(module)}: A @ B is {d.shape}, the base kernel "
+                       f"{kernel.shape}")
+    dtype = jnp.result_type(kernel, d)
+    flat[module + ("kernel",)] = kernel.astype(dtype) + jnp.asarray(scale, dtype) * d.astype(dtype)
+  return traverse_util.unflatten_dict(flat)
