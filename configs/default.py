@@ -92,6 +92,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.cosine_final_fraction = 0.0
   config.optimizer.max_grad_norm = 1.0  # 0 = no clipping
 
+  # LoRA fine-tuning (scdpo_jax/lora/): the state trains only adapters W + (alpha/rank) A @ B on
+  # the frozen base, which is also the DPO reference (one copy in memory); the optimizer state
+  # holds only the adapters. Exports export/lora/pytorch_lora_weights.safetensors (diffusers'
+  # load_lora_weights) and export/unet (the base with the LoRA fused).
+  config.lora = ml_collections.ConfigDict()
+  config.lora.enabled = False
+  config.lora.rank = 4
+  config.lora.alpha = 4.0  # scale alpha / rank, as peft's lora_alpha
+  config.lora.init = "gaussian"  # "gaussian" (peft's: A ~ N(0, 1/r^2), B = 0) | "kaiming"
+  config.lora.dropout = 0.0  # only 0: the adapters are merged into the weights
+  # Which kernels get adapters: regular expressions (re.fullmatch on module paths such as
+  # down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q) or preset names: "attention"
+  # (to_q/to_k/to_v/to_out.0, the Diffusion-DPO / SafetyDPO recipe), "feed_forward", "proj",
+  # "resnet_conv".
+  config.lora.targets = ("attention",)
+
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # -1: all remaining devices
   config.mesh.fsdp = 1

@@ -219,3 +219,18 @@ def merge(base_params: Any, lora_params: Any, scale: float) -> Any:
     dtype = jnp.result_type(kernel, d)
     flat[module + ("kernel",)] = kernel.astype(dtype) + jnp.asarray(scale, dtype) * d.astype(dtype)
   return traverse_util.unflatten_dict(flat)
+
+
+def fuse(base_params: Any, lora_params: Any, scale: float) -> Any:
+  """`merge` on the host in NumPy (fp32 products, like the traced merge): the base with the
+  LoRA fused, for export (no device memory for a second full copy)."""
+  flat_lora = traverse_util.flatten_dict(meta.unbox(lora_params))
+  flat = dict(traverse_util.flatten_dict(base_params))
+  for module in sorted({p[:-1] for p in flat_lora}):
+    a = np.asarray(flat_lora[module + ("lora_A",)], np.float32)
+    b = np.asarray(flat_lora[module + ("lora_B",)], np.float32)
+    d = a @ b if a.ndim == 2 else np.einsum("hwir,ro->hwio", a, b[0, 0])
+    kernel = np.asarray(flat[module + ("kernel",)])
+    dtype = np.result_type(kernel.dtype, np.float32)
+    flat[module + ("kernel",)] = kernel.astype(dtype) + np.asarray(scale, dtype) * d
+  return traverse_util.unflatten_dict(flat)

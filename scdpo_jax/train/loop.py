@@ -23,6 +23,7 @@ from absl import logging
 from scdpo_jax import files, parallel
 from scdpo_jax.errors import ConfigError
 from scdpo_jax.data.batch import PAIR_KEYS
+from scdpo_jax.lora import adapters as lora_adapters
 from scdpo_jax.models import pipeline, tiny, tokenizer, unet_io
 from scdpo_jax.train import optim, resume, state as state_lib
 from scdpo_jax.train.checkpoint import Checkpointer
@@ -43,6 +44,8 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Everything that can be checked before loading weights or compiling."""
   t = config.train
   state_lib.step_config(t).validate()
+  if lora_adapters.enabled(config):
+    lora_adapters.spec_from_config(config.lora).validate()
   for key, value, ok, want in (
       ("train.lam", t.lam, t.lam >= 0, ">= 0"), ("optimizer.lr", config.optimizer.lr,
                                                  config.optimizer.lr > 0, "> 0"),
@@ -211,6 +214,10 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
     state, ckpt_meta, fallbacks = restored
     logging.info("resumed from step %d (data position %d pairs)", ckpt_meta["step"],
                  ckpt_meta["data_position"])
+  elif lora_adapters.enabled(config):  # LoRA: fresh adapters (B = 0) on the frozen base
+    state = state_lib.init_train_state(spec, optimizer, lora_adapters.init_lora(
+        spec.abstract_state.params, lora_adapters.spec_from_config(config.lora), config.seed),
+        config)
   else:
     state = state_lib.init_train_state(spec, optimizer, sd.unet_params, config)
   ref_params = state_lib.reference_params(spec, sd.unet_params)
@@ -227,9 +234,15 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
     result.update(already_finished=True, preempted=False, state=state)
     return result
   example = source.batch(start, t.pairs_per_step)
-  train_step = make_train_step(apply_fn=policy.apply, ref_apply_fn=reference.apply,
-                               optimizer=optimizer, schedule=sd.schedule,
-                               cfg=state_lib.step_config(t))
+  if lora_adapters.enabled(config):  # policy = merge(base, adapters); reference = the base
+    from scdpo_jax.lora import train as lora_train
+    train_step = lora_train.make_lora_train_step(
+        policy=policy, reference=reference, optimizer=optimizer, schedule=sd.schedule,
+        cfg=state_lib.step_config(t), scale=lora_adapters.spec_from_config(config.lora).scale)
+  else:
+    train_step = make_train_step(apply_fn=policy.apply, ref_apply_fn=reference.apply,
+                                 optimizer=optimizer, schedule=sd.schedule,
+                                 cfg=state_lib.step_config(t))
   step_program = state_lib.compile_train_step(mesh, spec, train_step,
                                               {k: example[k] for k in PAIR_KEYS}, empty_states)
   compile_s = step_program.compile_s
@@ -288,7 +301,13 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
   if config.train.export_at_end and step == t.num_steps:
     from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(state.params, tiled=True)  # collective
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and lora_adapters.enabled(config):
+      from scdpo_jax.lora import train as lora_train
+      lora_train.export(workdir / "export", folder, policy.config, params,
+                        lora_adapters.spec_from_config(config.lora))
+      logging.info("exported the LoRA (diffusers format) to %s and the base with it fused to %s",
+                   workdir / "export/lora", workdir / "export/unet")
+    elif jax.process_index() == 0:
       unet_io.save_unet(workdir / "export" / "unet", policy.config, params)
       logging.info("exported the trained UNet in diffusers format to %s", workdir / "export/unet")
   return result

@@ -26,6 +26,7 @@ from absl import logging
 from flax.core import meta
 
 from scdpo_jax import parallel
+from scdpo_jax.lora import adapters as lora_adapters
 from scdpo_jax.models import layers, unet as unet_lib
 from scdpo_jax.models.unet_config import UNetConfig
 from scdpo_jax.train.checkpoint import abstract_with_shardings
@@ -71,8 +72,11 @@ def train_state_spec(config: ml_collections.ConfigDict, mesh, policy, reference,
                      optimizer) -> TrainStateSpec:
   """Trace the state once (`jax.eval_shape`: no weights) and map its logical axes to `mesh`."""
   rules = parallel.rules_from_config(config.sharding_rules)
-  boxed_params = layers.abstract_params(policy)
-  unsharded = parallel.unsharded_params(boxed_params, mesh, rules)
+  boxed_base = boxed_params = layers.abstract_params(policy)
+  if lora_adapters.enabled(config):  # LoRA: the state trains only the adapters on the base
+    boxed_params = lora_adapters.abstract_lora(
+        boxed_base, lora_adapters.spec_from_config(config.lora))
+  unsharded = parallel.unsharded_params(boxed_base, mesh, rules)
   if unsharded:
     logging.warning("sharding rules leave %d large parameters replicated on mesh %s (first: %s); "
                     "add rules for their logical axes if that is not intended", len(unsharded),
@@ -82,12 +86,12 @@ def train_state_spec(config: ml_collections.ConfigDict, mesh, policy, reference,
       boxed_params)
   state_shardings = parallel.logical_shardings(boxed_state, mesh, rules)
   if reference.param_dtype == policy.param_dtype:
-    boxed_ref = boxed_params
+    boxed_ref = boxed_base
   else:
     as_ref = lambda s: jax.ShapeDtypeStruct(s.shape, reference.param_dtype)
     boxed_ref = jax.tree.map(
         lambda x: x.replace_boxed(as_ref(x.unbox())) if isinstance(x, meta.AxisMetadata)
-        else as_ref(x), boxed_params, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
+        else as_ref(x), boxed_base, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
   return TrainStateSpec(
       abstract_state=meta.unbox(boxed_state), state_shardings=state_shardings,
       param_shardings=state_shardings.params, abstract_ref_params=meta.unbox(boxed_ref),
