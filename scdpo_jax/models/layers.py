@@ -90,7 +90,7 @@ def abstract_params(module: nn.Module) -> Any:
 
 def init_params(module: nn.Module, rng: jax.Array) -> Any:
   """A random init of `module`'s `params` (unboxed device arrays) in one jitted `module.init`."""
-  zeros = [jnp.zeros(s.shape, s.dtype) for s in module.dummy_inputs()]
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), module.dummy_inputs())
   return meta.unbox(jax.jit(module.init)(rng, *zeros)["params"])
 
 

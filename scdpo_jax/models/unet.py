@@ -1,10 +1,13 @@
-"""Flax UNet2DConditionModel for Stable Diffusion 1.x / 2.x (modules only: the config is in
-`unet_config.py`, diffusers folder IO in `unet_io.py`).
+"""Flax UNet2DConditionModel for Stable Diffusion 1.x / 2.x and SDXL (modules only: the config
+is in `unet_config.py`, diffusers folder IO in `unet_io.py`).
 
 API layout (channels-last): `sample` (B, H, W, C_in) latents, `timesteps` (B,) or scalar,
 `encoder_hidden_states` (B, T, cross_attention_dim); returns the model output (B, H, W, C_out),
 epsilon or v depending on the checkpoint's `prediction_type` (that lives in the scheduler config;
-the network itself does not care).
+the network itself does not care). SDXL (`addition_embed_type="text_time"`) also takes
+`added_cond_kwargs={"text_embeds": (B, P), "time_ids": (B, K)}` as diffusers does: the pooled
+text embeddings and the micro-conditioning ids (K = 6 for SDXL base: original size, crop
+top-left, target size), see `conditioning_xl.py`.
 
 Module names mirror diffusers' state-dict keys (see `layers.py`), so `convert.py` maps weights
 with no per-model table.
@@ -13,6 +16,7 @@ with no per-model table.
 from __future__ import annotations
 
 import math
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -174,7 +178,8 @@ class Transformer2DModel(layers.Module):
     h = layers.group_norm(self.groups, 1e-6, name="norm", **self.dt)(x)
     if self.use_linear_projection:
       h = h.reshape(b, hgt * wid, c)
-      h = layers.dense(c, (A.EMBED, A.EMBED), name="proj_in", **self.dt)(h)
+      # The logical axes of the 1x1 conv this replaces (a kernel cannot name `embed` twice).
+      h = layers.dense(c, (A.CONV_IN, A.CONV_OUT), name="proj_in", **self.dt)(h)
     else:
       h = layers.conv(c, 1, name="proj_in", **self.dt)(h)
       h = h.reshape(b, hgt * wid, c)
@@ -184,7 +189,7 @@ class Transformer2DModel(layers.Module):
       h = block_cls(heads=self.heads, upcast=self.upcast, attention_impl=self.attention_impl,
                     name=f"transformer_blocks_{i}", **self.dt)(h, context)
     if self.use_linear_projection:
-      h = layers.dense(c, (A.EMBED, A.EMBED), name="proj_out", **self.dt)(h)
+      h = layers.dense(c, (A.CONV_IN, A.CONV_OUT), name="proj_out", **self.dt)(h)
       h = h.reshape(b, hgt, wid, c)
     else:
       h = h.reshape(b, hgt, wid, c)
@@ -285,8 +290,8 @@ class UNet2DConditionModel(layers.Module):
   remat_policy: str = "none"
 
   @nn.compact
-  def __call__(self, sample: jax.Array, timesteps: jax.Array,
-               encoder_hidden_states: jax.Array) -> jax.Array:
+  def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
+               added_cond_kwargs: Optional[Mapping[str, jax.Array]] = None) -> jax.Array:
     cfg = self.config
     dt = self.dt
     channels, heads, tlayers = cfg.block_out_channels, cfg.heads_per_block, cfg.transformer_layers
@@ -302,6 +307,12 @@ class UNet2DConditionModel(layers.Module):
     t_emb = timestep_embedding(timesteps, channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                freq_shift=cfg.freq_shift).astype(self.dtype)
     temb = TimestepEmbedding(features=4 * channels[0], name="time_embedding", **dt)(t_emb)
+    if cfg.addition_embed_type == "text_time":
+      temb = temb + TimestepEmbedding(features=4 * channels[0], name="add_embedding",
+                                      **dt)(self._text_time_inputs(added_cond_kwargs))
+    elif added_cond_kwargs is not None:
+      raise ValueError("added_cond_kwargs given to a UNet without addition embeddings "
+                       f"(addition_embed_type={cfg.addition_embed_type!r})")
     context = layers.constrain(encoder_hidden_states.astype(self.dtype),
                                (A.BATCH, A.KV_LENGTH, A.EMBED))
 
@@ -332,11 +343,46 @@ class UNet2DConditionModel(layers.Module):
     return x
 
   @nn.nowrap
-  def dummy_inputs(self) -> tuple[jax.ShapeDtypeStruct, ...]:
+  def _text_time_inputs(self, added_cond_kwargs: Optional[Mapping[str, jax.Array]]
+                        ) -> jax.Array:
+    """diffusers' "text_time" input of `add_embedding`: concat(text_embeds, sinusoidal
+    embedding of each time id (`add_time_proj`, addition_time_embed_dim each)), (B, P + K*E)."""
+    cfg = self.config
+    missing = [k for k in ("text_embeds", "time_ids") if k not in (added_cond_kwargs or {})]
+    if missing:
+      raise ValueError(f"a UNet with addition_embed_type='text_time' (SDXL) needs "
+                       f"added_cond_kwargs with {missing} (pooled text embeddings (B, P) and "
+                       "micro-conditioning time ids (B, K))")
+    text_embeds = jnp.asarray(added_cond_kwargs["text_embeds"])
+    time_ids = jnp.asarray(added_cond_kwargs["time_ids"])
+    batch = text_embeds.shape[0]
+    time_embeds = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                     flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                     freq_shift=cfg.freq_shift).reshape(batch, -1)
+    add_embeds = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
+    if add_embeds.shape[-1] != cfg.projection_class_embeddings_input_dim:
+      raise ValueError(
+          f"text_embeds {text_embeds.shape} and time_ids {time_ids.shape} give "
+          f"{text_embeds.shape[-1]} + {time_ids.shape[-1]} x {cfg.addition_time_embed_dim} = "
+          f"{add_embeds.shape[-1]} add_embedding inputs; the config's "
+          f"projection_class_embeddings_input_dim is {cfg.projection_class_embeddings_input_dim}")
+    return add_embeds.astype(self.dtype)
+
+  @nn.nowrap
+  def dummy_inputs(self) -> tuple:
     """Input shapes for `layers.abstract_params` / `layers.init_params`: one latent of the
-    smallest side the blocks accept, one timestep, 8 context tokens."""
+    smallest side the blocks accept, one timestep, 8 context tokens; with "text_time" also
+    `added_cond_kwargs` (6 time ids when the dims allow it: only their total width, the
+    config's projection_class_embeddings_input_dim, shapes the parameters)."""
     cfg = self.config
     side = 2 ** (len(cfg.block_out_channels) - 1)
-    return (jax.ShapeDtypeStruct((1, side, side, cfg.in_channels), jnp.float32),
-            jax.ShapeDtypeStruct((1,), jnp.int32),
-            jax.ShapeDtypeStruct((1, 8, cfg.cross_attention_dim), jnp.float32))
+    inputs = (jax.ShapeDtypeStruct((1, side, side, cfg.in_channels), jnp.float32),
+              jax.ShapeDtypeStruct((1,), jnp.int32),
+              jax.ShapeDtypeStruct((1, 8, cfg.cross_attention_dim), jnp.float32))
+    if cfg.addition_embed_type != "text_time":
+      return inputs
+    total, per_id = cfg.projection_class_embeddings_input_dim, cfg.addition_time_embed_dim
+    n_ids = 6 if total > 6 * per_id else 1
+    return inputs + ({"text_embeds": jax.ShapeDtypeStruct((1, total - n_ids * per_id),
+                                                          jnp.float32),
+                      "time_ids": jax.ShapeDtypeStruct((1, n_ids), jnp.float32)},)

@@ -1,5 +1,10 @@
-"""The UNet2DConditionModel config of Stable Diffusion 1.x / 2.x, parsed from diffusers'
+"""The UNet2DConditionModel config of Stable Diffusion 1.x / 2.x and SDXL, parsed from diffusers'
 `unet/config.json`.
+
+SDXL's UNet is the same model with `addition_embed_type="text_time"` (pooled text embeddings and
+micro-conditioning time ids added to the timestep embedding, `addition_time_embed_dim`,
+`projection_class_embeddings_input_dim`), per-block `transformer_layers_per_block` and heads,
+and a first block without attention (`DownBlock2D`).
 
 diffusers' `attention_head_dim` is, for SD 1.x/2.x checkpoints, the *number of heads* (a
 historical naming quirk that diffusers keeps); `UNetConfig.heads_per_block` resolves it the same
@@ -15,13 +20,13 @@ from typing import Any
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
+ADDITION_EMBED_TYPES = (None, "text_time")
 # Config options whose non-default values we do not implement; loading fails loudly on them.
 _MUST_EQUAL = {
     "center_input_sample": False,
     "only_cross_attention": False,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
     "num_class_embeds": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
@@ -35,8 +40,7 @@ _MUST_EQUAL = {
     "mid_block_only_cross_attention": None,
     "cross_attention_norm": None,
     "class_embeddings_concat": False,
-    "projection_class_embeddings_input_dim": None,
-    "addition_time_embed_dim": None,
+    "time_embedding_act_fn": None,
     "attention_type": "default",
     "reverse_transformer_layers_per_block": None,
     "dropout": 0.0,
@@ -56,7 +60,7 @@ def _as_tuple(value: Any, n: int, key: str) -> tuple:
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-  """The subset of diffusers' UNet2DConditionModel config that SD 1.x/2.x use."""
+  """The subset of diffusers' UNet2DConditionModel config that SD 1.x/2.x and SDXL use."""
 
   sample_size: int | tuple[int, int] = 64  # latent side, or [height, width] (diffusers accepts both)
   in_channels: int = 4
@@ -78,6 +82,11 @@ class UNetConfig:
   upcast_attention: bool = False
   conv_in_kernel: int = 3
   conv_out_kernel: int = 3
+  # SDXL: "text_time" adds add_embedding(concat(text_embeds, sinusoid(time_ids))) to the
+  # timestep embedding; the two dims are then required.
+  addition_embed_type: str | None = None
+  addition_time_embed_dim: int | None = None
+  projection_class_embeddings_input_dim: int | None = None
   extra: tuple = ()  # other keys of the source config, written back unchanged on export
 
   @classmethod
@@ -138,7 +147,24 @@ class UNetConfig:
       if c % self.norm_num_groups:
         raise ValueError(f"UNet config: block_out_channels {self.block_out_channels} must be "
                          f"divisible by norm_num_groups={self.norm_num_groups}")
-    _as_tuple(self.transformer_layers_per_block, n, "transformer_layers_per_block")
+    for depth in self.transformer_layers:
+      if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError("UNet config: transformer_layers_per_block entries must be positive "
+                         f"integers (one per block), got {self.transformer_layers_per_block!r}")
+    if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+      raise ValueError(f"UNet config option addition_embed_type={self.addition_embed_type!r} is "
+                       f"not supported (supported: {ADDITION_EMBED_TYPES})")
+    if self.addition_embed_type == "text_time":
+      for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        v = getattr(self, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+          raise ValueError(f"UNet config: addition_embed_type='text_time' needs a positive "
+                           f"integer {key}, got {v!r}")
+      if self.projection_class_embeddings_input_dim <= self.addition_time_embed_dim:
+        raise ValueError(
+            "UNet config: projection_class_embeddings_input_dim="
+            f"{self.projection_class_embeddings_input_dim} must exceed addition_time_embed_dim="
+            f"{self.addition_time_embed_dim} (pooled text dim + time ids x time embed dim)")
     for c, h in zip(self.block_out_channels, self.heads_per_block):
       if c % h:
         raise ValueError(f"UNet config: {c} channels do not split into {h} attention heads")
