@@ -40,18 +40,21 @@ class StableDiffusion:
   scheduler_config: dict | None = None
 
 
-def check_pipeline_folder(folder, components: Iterable[str] = COMPONENTS) -> Path:
-  """Fail early, naming the path, if `folder` is not a usable diffusers SD folder."""
-  folder = io.require_dir(folder, "Stable Diffusion pipeline")
+def check_pipeline_folder(folder, components: Iterable[str] = COMPONENTS, *,
+                          known: tuple[str, ...] = COMPONENTS,
+                          what: str = "Stable Diffusion") -> Path:
+  """Fail early, naming the path, if `folder` is not a usable diffusers SD folder (`known`,
+  `what`: the component names and the pipeline's name, e.g. those of SDXL)."""
+  folder = io.require_dir(folder, f"{what} pipeline")
   index = folder / "model_index.json"
   if not index.is_file():
     raise io.CheckpointNotFoundError(
-        f"{folder} is not a diffusers-format Stable Diffusion folder: expected {index} next to "
-        f"the component folders {', '.join(COMPONENTS)}")
+        f"{folder} is not a diffusers-format {what} folder: expected {index} next to "
+        f"the component folders {', '.join(known)}")
   listed = io.read_json(index, "model_index.json")
   for name in components:
-    if name not in COMPONENTS:
-      raise ValueError(f"unknown component {name!r}; known: {COMPONENTS}")
+    if name not in known:
+      raise ValueError(f"unknown component {name!r}; known: {known}")
     if not (folder / name).is_dir():
       listed_note = "listed" if listed.get(name) else "not listed"
       raise io.CheckpointNotFoundError(

@@ -57,11 +57,12 @@ def _bytes_to_unicode() -> dict[int, str]:
   return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def write_byte_level_tokenizer(folder, max_length: int = 77) -> Path:
+def write_byte_level_tokenizer(folder, max_length: int = 77, pad_token: str = EOS) -> Path:
   """Write vocab.json/merges.txt/tokenizer_config.json of a character-level CLIP tokenizer.
 
   Vocabulary: 256 byte symbols, the same with the `</w>` end-of-word suffix, then BOS and EOS
-  (ids 512 and 513; pad = EOS as in SD's tokenizer). Size 514.
+  (ids 512 and 513; pad = EOS as in SD's tokenizer, or `pad_token`, e.g. "!" (id 0) as in
+  SDXL's `tokenizer_2`). Size 514.
   """
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
@@ -73,7 +74,7 @@ def write_byte_level_tokenizer(folder, max_length: int = 77) -> Path:
   (folder / "merges.txt").write_text("#version: 0.2\n")
   (folder / "tokenizer_config.json").write_text(json.dumps({
       "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": BOS,
-      "eos_token": EOS, "pad_token": EOS, "unk_token": EOS, "do_lower_case": True}))
+      "eos_token": EOS, "pad_token": pad_token, "unk_token": EOS, "do_lower_case": True}))
   (folder / "special_tokens_map.json").write_text(json.dumps({
-      "bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}))
+      "bos_token": BOS, "eos_token": EOS, "pad_token": pad_token, "unk_token": EOS}))
   return folder
