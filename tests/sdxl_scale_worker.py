@@ -1,11 +1,12 @@
 """Per-device bytes of the SDXL-sized train state on a simulated fsdp mesh (no weights).
 
-`python -m tests.sdxl_scale_worker OUT.json` (run by tests/test_sdxl.py with XLA_FLAGS for 8
-CPU devices): builds the real SDXL UNet config's policy (fp32 master weights) and frozen
-reference (bf16, the GPU recipe's `model.ref_param_dtype`), the AdamW (and Adafactor) train state
-by `train.state.train_state_spec` (`jax.eval_shape`: nothing is allocated) on a 1 x 8 x 1
-(data, fsdp, tensor) mesh with the default sharding rules, and writes, per optimizer, the total
-and the largest per-device bytes of the parameters, the optimizer state and the reference.
+`python -m tests.sdxl_scale_worker UNET_CONFIG.json OUT.json` (run by tests/test_sdxl.py with
+XLA_FLAGS for 8 CPU devices and the real SDXL UNet config): builds that config's policy (fp32
+master weights) and frozen reference (bf16, the GPU recipe's `model.ref_param_dtype`), the AdamW
+(and Adafactor) train state by `train.state.train_state_spec` (`jax.eval_shape`: nothing is
+allocated) on a 1 x 8 x 1 (data, fsdp, tensor) mesh with the default sharding rules, and writes,
+per optimizer, the total and the largest per-device bytes of the parameters, the optimizer
+state and the reference.
 """
 
 from __future__ import annotations
@@ -31,18 +32,17 @@ def _bytes(abstract, shardings) -> tuple[int, int]:
   return total, max(per_device.values())
 
 
-def main(out_path: str) -> None:
+def main(config_path: str, out_path: str) -> None:
   import jax
   import jax.numpy as jnp
 
   from scdpo_jax import parallel
   from scdpo_jax.models.unet_config import UNetConfig
   from scdpo_jax.train import optim, state as state_lib
-  from tests.sdxl_refs import SDXL_UNET_CONFIG
   from tests.train_utils import tiny_train_config
 
   assert jax.device_count() == 8, jax.devices()
-  unet_config = UNetConfig.from_dict(SDXL_UNET_CONFIG)
+  unet_config = UNetConfig.from_dict(json.loads(Path(config_path).read_text()))
   result = {"devices": jax.device_count()}
   for name in ("adamw", "adafactor"):
     config = tiny_train_config(**{
@@ -68,4 +68,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main(sys.argv[1], sys.argv[2])

@@ -6,6 +6,7 @@ in diffusers' StableDiffusionXLPipeline; the real SDXL UNet's parameter count by
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -15,19 +16,42 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
-from scdpo_jax.models import conditioning_xl, layers, pipeline_xl, tokenizer, vae as vae_lib
+from scdpo_jax.models import conditioning_xl, layers, pipeline_xl, tokenizer
+from scdpo_jax.models import vae as vae_lib
 from scdpo_jax.models.unet import UNet2DConditionModel
 from scdpo_jax.models.unet_config import UNetConfig
-from scdpo_jax.models.unet_io import load_unet
 from scdpo_jax.models.vae_io import load_vae, save_vae
 from tests import sdxl_refs
 from tests.torch_refs import nchw_to_nhwc, nhwc_to_nchw, to_numpy
 from tests.train_utils import ROOT
 
 ATOL = 1e-4
-PROMPTS = ["a red cat", "two blue squares on a table"]
+PROMPTS = ["a red cat", "two blue squares on a table"]  # the second one is truncated
+
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, verbatim.
+SDXL_UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0",
+    "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280], "center_input_sample": False,
+    "class_embed_type": None, "class_embeddings_concat": False, "conv_in_kernel": 3,
+    "conv_out_kernel": 3, "cross_attention_dim": 2048, "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+    "layers_per_block": 2, "mid_block_only_cross_attention": None, "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
+    "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False,
+    "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default", "sample_size": 128, "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None, "time_embedding_dim": None,
+    "time_embedding_type": "positional", "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None, "use_linear_projection": True,
+}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +133,7 @@ def test_unet_sdxl_layout_and_errors(xl):
 
 def test_sdxl_unet_parameter_count():
   """stabilityai/stable-diffusion-xl-base-1.0's UNet: 2,567,463,684 parameters (no weights)."""
-  model = UNet2DConditionModel(UNetConfig.from_dict(sdxl_refs.SDXL_UNET_CONFIG))
+  model = UNet2DConditionModel(UNetConfig.from_dict(SDXL_UNET_CONFIG))
   shapes = layers.abstract_params(model)
   assert sum(x.size for x in jax.tree.leaves(shapes)) == 2_567_463_684
   assert model.config.to_dict()["addition_embed_type_num_heads"] == 64  # kept for export
@@ -264,10 +288,12 @@ BUDGET_BYTES_PER_DEVICE = 20e9
 
 def test_sdxl_train_state_fits_80gb_on_fsdp8(tmp_path):
   out = tmp_path / "scale.json"
-  env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  (tmp_path / "unet_config.json").write_text(json.dumps(SDXL_UNET_CONFIG))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
          "PYTHONPATH": str(ROOT)}
-  proc = subprocess.run([sys.executable, "-m", "tests.sdxl_scale_worker", str(out)], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run([sys.executable, "-m", "tests.sdxl_scale_worker",
+                         str(tmp_path / "unet_config.json"), str(out)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   result = json.loads(out.read_text())
   adamw = result["adamw"]
@@ -288,3 +314,24 @@ def test_sdxl_train_state_fits_80gb_on_fsdp8(tmp_path):
   assert per_device <= 1.01 * total / 8
   ada = result["adafactor"]  # Diffusion-DPO's SDXL optimizer: factored moments, a few MB
   assert ada["opt_bytes"] < 0.01 * ada["param_bytes"]
+
+
+def test_tiny_random_sdxl_folder_loads_in_diffusers(tmp_path):
+  """`models.tiny` builds an SDXL folder when the tiny config has a `text_encoder_2`."""
+  from scdpo_jax.models import convert, tiny
+
+  spec = {"unet": sdxl_refs.UNET, "vae": sdxl_refs.VAE, "text_encoder": sdxl_refs.TEXT_1,
+          "text_encoder_2": sdxl_refs.TEXT_2,
+          "scheduler": {"_class_name": "EulerDiscreteScheduler", **sdxl_refs.SCHEDULER}}
+  folder = tiny.tiny_pipeline_folder(spec, tmp_path / "tiny_xl")
+  ours = pipeline_xl.load_stable_diffusion_xl(folder)
+  assert ours.text_encoder_2.with_projection and ours.tokenizer_2.pad_token == "!"
+  pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
+  for name, params in (("unet", ours.unet_params), ("text_encoder_2", ours.text_encoder_2_params)):
+    state = {k: to_numpy(v) for k, v in getattr(pipe, name).state_dict().items()}
+    if name == "text_encoder_2":
+      state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    expected = convert.flax_to_torch(params)
+    assert set(state) == set(expected), name
+    for k, v in expected.items():
+      np.testing.assert_array_equal(state[k], v, err_msg=k)

@@ -19,9 +19,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Iterable
 
+import jax
 import jax.numpy as jnp
 
-from scdpo_jax.models import clip, clip_io, io, pipeline, tokenizer, vae_io
+from scdpo_jax.models import clip, clip_config, clip_io, io, layers, pipeline, tokenizer, vae_io
 from scdpo_jax.models.vae_io import load_vae_config
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
@@ -127,3 +128,23 @@ def save_stable_diffusion_xl(folder, xl: StableDiffusionXL, *, param_dtype: Any 
       index.pop(name)
   io.write_json(folder / "model_index.json", index)
   return folder
+
+
+def random_stable_diffusion_xl(unet_config: dict, vae_config: dict, text_config: dict,
+                               text_config_2: dict, scheduler_config: dict, tokenizer_folder,
+                               tokenizer_2_folder, *, seed: int = 0, dtype: Any = jnp.float32
+                               ) -> StableDiffusionXL:
+  """A freshly initialised SDXL pipeline of our own model classes (tiny configs for tests and
+  CPU runs): `pipeline.random_stable_diffusion` plus `text_encoder_2` (with projection, built
+  from `text_config_2`) and `tokenizer_2`; params are host NumPy trees."""
+  sd = pipeline.random_stable_diffusion(unet_config, vae_config, text_config, scheduler_config,
+                                        tokenizer_folder, seed=seed, dtype=dtype)
+  xl = StableDiffusionXL(**{f.name: getattr(sd, f.name)
+                            for f in dataclasses.fields(pipeline.StableDiffusion)})
+  xl.text_encoder_2 = clip.CLIPTextModel(clip_config.CLIPTextConfig.from_dict(text_config_2),
+                                         with_projection=True, dtype=dtype)
+  xl.text_encoder_2_params = jax.device_get(
+      layers.init_params(xl.text_encoder_2, jax.random.fold_in(jax.random.key(seed), 2)))
+  xl.tokenizer_2 = tokenizer.load_tokenizer(tokenizer_2_folder,
+                                            xl.text_encoder_2.config.max_position_embeddings)
+  return xl
