@@ -13,7 +13,9 @@ for `unet` (UNet2DConditionModel), `vae` (AutoencoderKL) and `clip` (CLIP text a
 towers). Shared by all: `layers.py` (layers, logical axis names, the `Module` base, the dtype
 and parameter-tree conventions, `abstract_params` / `init_params`), `convert.py` (the one
 PyTorch <-> Flax key and layout rule set), `io.py` (folders, JSON, safetensors). Whole
-pipelines: `pipeline.py` (a diffusers SD folder), `tiny.py` (the tiny random one); plus
+pipelines: `pipeline.py` (a diffusers SD folder), `pipeline_xl.py` (a diffusers SDXL folder:
+both text encoders and tokenizers, an optional separate VAE folder), `tiny.py` (the tiny random
+SD or SDXL one); `conditioning_xl.py` (SDXL prompt states, pooled embeddings, time ids); plus
 `schedule.py` (noise schedule) and `tokenizer.py`.
 
 Imports: modules here may import only jax, flax, numpy, safetensors, transformers' tokenizer

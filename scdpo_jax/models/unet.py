@@ -278,7 +278,8 @@ class UpBlock2D(_BlockModule):
 
 
 class UNet2DConditionModel(layers.Module):
-  """Stable Diffusion's conditional UNet. See the module docstring for the layout.
+  """Stable Diffusion's conditional UNet (SD 1.x / 2.x, and SDXL with `added_cond_kwargs`). See
+  the module docstring for the layout.
 
   `remat_policy`: "none"; "block" (recompute every resnet and transformer block in the backward
   pass); "dots_saveable" / "nothing_saveable" (the same, with that `jax.checkpoint_policies`
