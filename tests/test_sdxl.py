@@ -125,6 +125,11 @@ def test_unet_sdxl_layout_and_errors(xl):
   with pytest.raises(ValueError, match="projection_class_embeddings_input_dim is 68"):
     xl.unet.apply({"params": params}, sample, t, ctx,
                   conditioning_xl.added_cond_kwargs(pooled, time_ids[:, :5]))
+  # bf16 compute (the GPU recipe) keeps the added conditioning in the compute dtype (traced only).
+  model16 = UNet2DConditionModel(xl.unet.config, dtype=jnp.bfloat16)
+  out16 = jax.eval_shape(model16.apply, {"params": params}, sample, t, ctx,
+                         conditioning_xl.added_cond_kwargs(pooled, time_ids))
+  assert out16.dtype == jnp.bfloat16 and out16.shape == sample.shape
   with pytest.raises(ValueError, match="addition_embed_type='text'"):
     UNetConfig.from_dict({**sdxl_refs.UNET, "addition_embed_type": "text"})
   with pytest.raises(ValueError, match="needs a positive integer addition_time_embed_dim"):
