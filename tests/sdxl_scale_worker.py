@@ -34,7 +34,6 @@ def _bytes(abstract, shardings) -> tuple[int, int]:
 
 def main(config_path: str, out_path: str) -> None:
   import jax
-  import jax.numpy as jnp
 
   from scdpo_jax import parallel
   from scdpo_jax.models.unet_config import UNetConfig
