@@ -63,7 +63,7 @@ def test_optimizer_steps_and_state_shardings(name, tiny_unet):
   mesh = parallel.make_mesh(1, 1, 1)
   # The optimizer state's shardings come from the boxed (logically named) params.
   state_shardings = parallel.logical_shardings(jax.eval_shape(tx.init, boxed), mesh,
-                                               default.DEFAULT_RULES)
+                                               default.get_config().sharding_rules)
   opt_state = tx.init(params)
   assert jax.tree.structure(state_shardings) == jax.tree.structure(opt_state)
   grads = jax.tree.map(jnp.ones_like, params)
