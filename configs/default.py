@@ -60,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.name = ""  # tfds: dataset name (builder) or folder
   config.data.data_dir = ""  # tfds: data_dir holding the prepared ArrayRecord files
   config.data.split = "train"
+  config.data.nan_cost = "zero"  # tfds: unknown (NaN) costs -> 0 = no margin, logged | "error"
 
   config.train = ml_collections.ConfigDict()
   config.train.loss_type = "dpo"  # "dpo" | "sft" (winner MSE only)

@@ -87,3 +87,31 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
       except json.JSONDecodeError:
         continue
   return out
+
+
+_IDENTITY_BYTES = 1 << 20
+
+
+def file_identity(path: str | os.PathLike) -> str:
+  """`<size>:<hash>` of a file from its size and its first and last MiB: cheap for multi-GB
+  weights, and it changes when they change (used to recognise a model across runs)."""
+  import hashlib
+
+  path = Path(path)
+  size = path.stat().st_size
+  h = hashlib.sha256(str(size).encode())
+  with open(path, "rb") as f:
+    h.update(f.read(_IDENTITY_BYTES))
+    if size > _IDENTITY_BYTES:
+      f.seek(max(size - _IDENTITY_BYTES, _IDENTITY_BYTES))
+      h.update(f.read())
+  return f"{size}:{h.hexdigest()[:16]}"
+
+
+def folder_identity(folder: str | os.PathLike, suffixes=(".json", ".safetensors")) -> str:
+  """One identity for the config and weights files of a model folder (e.g. a pipeline's vae/)."""
+  import hashlib
+
+  folder = Path(folder)
+  rows = [f"{p.name}={file_identity(p)}" for p in sorted(folder.glob("*")) if p.suffix in suffixes]
+  return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16] if rows else "missing"

@@ -233,3 +233,34 @@ def test_trainer_entry_points(env):
   with pytest.raises(KeyError, match="no split"):
     loader.check_pair_dataset(bad_split)
   assert jax.process_count() == 1
+
+
+def test_cached_latents_refuse_another_pipeline_or_text_layer(env, tmp_path):
+  from data_utils import tiny_sd_folder
+
+  cfg = ml_collections.ConfigDict(dict(name=str(env["latents"]), data_dir="", split="train",
+                                       seed=0, hflip=True))
+  meta = tfds_pairs.open_pairs(env["latents"]).metadata["cache"]["encoder"]
+  assert meta["vae_identity"] and meta["text_encoder_identity"] and meta["text_layer"] == -1
+  loader.check_pair_dataset(cfg, model_folder=env["sd"], text_layer=-1)  # the same pipeline
+  with pytest.raises(loader.CacheMismatchError, match="text_layer: cached -1, trainer .* -2"):
+    loader.check_pair_dataset(cfg, model_folder=env["sd"], text_layer=-2)
+  other = tiny_sd_folder(tmp_path / "other", seed=1)
+  with pytest.raises(loader.CacheMismatchError, match="vae: cached with .*text_encoder: cached"):
+    loader.check_pair_dataset(cfg, model_folder=other, text_layer=-1)
+
+
+def test_unknown_costs_are_zero_with_a_warning_or_refused(env, caplog):
+  # the fixture's CSV has no cost_w column and leaves cost_l empty for every third pair: NaN
+  zero = loader.PairLoader(env["latents"], shuffle=False)
+  with caplog.at_level("WARNING"):
+    batch = zero.batch(0, NUM_PAIRS)
+    zero.batch(1, NUM_PAIRS)
+  assert np.isfinite(batch["cost_l"]).all() and (batch["cost_l"][::3] == 0).all()
+  assert (batch["cost_w"] == 0).all()
+  assert sum("unknown (NaN) costs" in r.getMessage() for r in caplog.records) == 1
+  strict = loader.PairLoader(env["latents"], shuffle=False, nan_cost="error")
+  with pytest.raises(ValueError, match="unknown \\(NaN\\) cost_[wl] and data.nan_cost='error'"):
+    strict.batch(0, NUM_PAIRS)
+  with pytest.raises(ValueError, match="data.nan_cost='skip'"):
+    loader.PairLoader(env["latents"], nan_cost="skip")

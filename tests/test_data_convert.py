@@ -207,3 +207,17 @@ def test_missing_columns_are_errors_not_bad_rows(tmp_path):
     convert.convert_csv(tmp_path / "x.csv", tmp_path, tmp_path / "out")
   with pytest.raises(FileNotFoundError, match="parquet"):
     convert.convert_pickapic(tmp_path / "nothing_here", tmp_path / "out2")
+
+
+def test_duplicate_pair_ids_and_empty_inputs_are_one_line_errors(tmp_path):
+  for i in range(2):
+    (tmp_path / f"w{i}.png").write_bytes(png(solid(colour(i, 0))))
+    (tmp_path / f"l{i}.png").write_bytes(png(solid(colour(i, 1))))
+  header = ["id", "prompt", "image_w", "image_l"]
+  write_csv(tmp_path / "dup.csv", header, [("a", "p0", "w0.png", "l0.png"),
+                                           ("a", "p1", "w1.png", "l1.png")])
+  with pytest.raises(tfds_pairs.DuplicatePairIdError, match="pair_id 'csv:a' occurs twice"):
+    convert.convert_csv(tmp_path / "dup.csv", tmp_path, tmp_path / "out_dup")
+  write_csv(tmp_path / "empty.csv", header, [])
+  with pytest.raises(tfds_pairs.EmptySplitError, match="no pairs to write"):
+    convert.convert_csv(tmp_path / "empty.csv", tmp_path, tmp_path / "out_empty")

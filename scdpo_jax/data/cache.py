@@ -126,7 +126,11 @@ class PairEncoder:
 
   def fingerprint(self) -> dict[str, Any]:
     """What determines the cached values (checked when resuming)."""
-    return {"pretrained": self.source, "resolution": self.resolution,
+    identity = {}
+    if self.source and Path(self.source).is_dir():  # which weights made the cache
+      identity = {f"{c}_identity": files.folder_identity(Path(self.source) / c)
+                  for c in ("vae", "text_encoder")}
+    return {"pretrained": self.source, **identity, "resolution": self.resolution,
             "latent_mode": self.latent_mode, "text_layer": self.text_layer, "seed": self.seed,
             "max_length": self.max_length,
             "vae_scaling_factor": float(self.vae.config.scaling_factor),

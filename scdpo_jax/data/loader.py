@@ -22,7 +22,9 @@ into a prefetching `IterDataset` (`ReadOptions(num_threads, prefetch_buffer_size
 Latents vs images: the trainer consumes latents. A cached dataset (`cache.py`) is read as is.
 An image dataset (converters, pair builder) needs `encoder=cache.PairEncoder(...)`: each batch
 is then decoded and encoded on the fly (correct, but slower than caching once).
-Unknown rewards/costs (NaN in the dataset) become 0, as batch.py specifies.
+Unknown rewards/costs (NaN in the dataset): with `nan_cost="zero"` (the default, as batch.py
+specifies) they become 0 (no cost margin for that pair) and the first batch holding one logs a
+warning; `nan_cost="error"` refuses them (`data.nan_cost` in the trainer's config).
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ from typing import Any, Iterator, Sequence
 
 import grain
 import numpy as np
+from absl import logging
 
+from scdpo_jax import files
 from scdpo_jax.data import tfds_pairs
 from scdpo_jax.data.batch import FLOAT_KEYS, PAIR_KEYS
 from scdpo_jax.data.memory import global_indices
 
 MAX_STEPS = 2 ** 40  # length of the endless step-indexed dataset
+NAN_COST_POLICIES = ("zero", "error")
 
 
 def step_indices(step: int, global_batch: int, num: int, seed: int, shuffle: bool = True
@@ -52,8 +57,13 @@ class PairLoader:
   def __init__(self, path: str | Path, *, split: str = "train", seed: int = 0,
                shuffle: bool = True, hflip: bool = False, encoder: Any = None,
                process_index: int | None = None, process_count: int | None = None,
-               read_threads: int = 4, prefetch_batches: int = 2):
+               read_threads: int = 4, prefetch_batches: int = 2, nan_cost: str = "zero"):
     import jax
+
+    if nan_cost not in NAN_COST_POLICIES:
+      raise ValueError(f"data.nan_cost={nan_cost!r}; supported: {NAN_COST_POLICIES}")
+    self.nan_cost = nan_cost
+    self._nan_warned = False
 
     self.dataset_info = tfds_pairs.open_pairs(path)
     self.schema = self.dataset_info.schema
@@ -75,6 +85,12 @@ class PairLoader:
       raise ValueError(f"process_index {self.process_index} not in [0, {self.process_count})")
     self.read_threads, self.prefetch_batches = int(read_threads), int(prefetch_batches)
     self._datasets: dict[int, grain.MapDataset] = {}
+
+  def identity(self) -> dict[str, Any]:
+    """What identifies the data (recorded in the trainer's resume fingerprint)."""
+    info = Path(self.dataset_info.path) / "dataset_info.json"
+    return {"path": str(Path(self.dataset_info.path).resolve()), "num_pairs": self.num_pairs,
+            "dataset_info": files.file_identity(info) if info.is_file() else "missing"}
 
   # -- index arithmetic ----------------------------------------------------------------------
 
@@ -143,8 +159,22 @@ class PairLoader:
     out["is_harmful"] = np.array([int(r["is_harmful"]) for r in records], np.int32)
     for k in FLOAT_KEYS:
       v = np.array([float(r[k]) for r in records], np.float32)
+      if k.startswith("cost") and np.isnan(v).any():
+        self._unknown_costs(k, records, v)
       out[k] = np.nan_to_num(v, nan=0.0)
     return {k: out[k] for k in PAIR_KEYS}
+
+  def _unknown_costs(self, key: str, records, values: np.ndarray) -> None:
+    ids = [tfds_pairs.text(r["pair_id"]) for r, v in zip(records, values) if np.isnan(v)]
+    if self.nan_cost == "error":
+      raise ValueError(f"{self.dataset_info.path}: pairs {ids[:5]} have unknown (NaN) {key} and "
+                       "data.nan_cost='error'; score them (data/pairs_build.py) or set "
+                       "data.nan_cost='zero' to train them without a cost margin")
+    if not self._nan_warned:
+      self._nan_warned = True
+      logging.warning("%s: some pairs (first: %s) have unknown (NaN) costs; they count as 0, "
+                      "i.e. no cost margin (data.nan_cost='zero'; 'error' refuses them)",
+                      self.dataset_info.path, ids[:3])
 
 
 def resolve_dataset_path(name: str, data_dir: str = "") -> Path:
@@ -168,9 +198,11 @@ def resolve_dataset_path(name: str, data_dir: str = "") -> Path:
   raise FileNotFoundError(f"pair dataset not found: tried {', '.join(map(str, candidates))}")
 
 
-def check_pair_dataset(data_config) -> None:
+def check_pair_dataset(data_config, model_folder=None, text_layer: int | None = None) -> None:
   """Fail early (before models are loaded) unless the configured dataset exists and holds the
-  latents and text states the trainer consumes. `data_config` has name, data_dir, split."""
+  latents and text states the trainer consumes, cached with the model being trained
+  (`check_cache_matches_model`, when `model_folder` is given). `data_config` has name,
+  data_dir, split."""
   ds = tfds_pairs.open_pairs(resolve_dataset_path(data_config.name, data_config.data_dir))
   if data_config.split not in ds.splits:
     raise KeyError(f"{ds.path} has no split {data_config.split!r}; splits: {sorted(ds.splits)}")
@@ -178,6 +210,44 @@ def check_pair_dataset(data_config) -> None:
     raise ValueError(f"{ds.path} holds images, not latents: cache it first with "
                      f"`python -m scdpo_jax.data.cache --input {ds.path} --output <new folder> "
                      "--pretrained <the SD folder you train>`")
+  if model_folder is not None:
+    check_cache_matches_model(ds, Path(model_folder), text_layer)
+
+
+class CacheMismatchError(ValueError):
+  """A latent dataset was cached with another VAE, text encoder or text layer."""
+
+
+def check_cache_matches_model(ds, model_folder: Path, text_layer: int | None) -> None:
+  """Refuse latents and text states cached with another pipeline than the one being trained.
+
+  The cache records (data/cache.py) the identity of the VAE and text encoder weights that made
+  it and the text-encoder layer; the model folder's must be the same. Datasets cached before
+  these were recorded are accepted with a warning.
+  """
+  cache = ((ds.metadata or {}).get("cache") or {}).get("encoder")  # PairEncoder.fingerprint()
+  if not cache:
+    logging.warning("%s records no cache settings; cannot check that it was cached with %s",
+                    ds.path, model_folder)
+    return
+  problems = []
+  if text_layer is not None and "text_layer" in cache and int(cache["text_layer"]) != text_layer:
+    problems.append(f"text_layer: cached {cache['text_layer']}, trainer model.text_layer "
+                    f"{text_layer}")
+  for component in ("vae", "text_encoder"):
+    key = f"{component}_identity"
+    if key not in cache:
+      logging.warning("%s does not record its %s weights; not checked", ds.path, component)
+      continue
+    ours = files.folder_identity(model_folder / component)
+    if cache[key] != ours:
+      problems.append(f"{component}: cached with {cache.get('pretrained', '?')}/{component} "
+                      f"({cache[key]}), training {model_folder / component} ({ours})")
+  if problems:
+    raise CacheMismatchError(
+        f"{ds.path} was cached with another pipeline than model.pretrained={model_folder}: "
+        + "; ".join(problems) + ". Cache the pairs again with `python -m scdpo_jax.data.cache "
+        f"--pretrained {model_folder} ...`")
 
 
 def open_pair_source(data_config, **kwargs) -> PairLoader:
@@ -185,7 +255,8 @@ def open_pair_source(data_config, **kwargs) -> PairLoader:
   data.seed, with data.hflip; extra keyword arguments go to `PairLoader`."""
   path = resolve_dataset_path(data_config.name, data_config.data_dir)
   return PairLoader(path, split=data_config.split, seed=data_config.seed,
-                    hflip=data_config.hflip, **kwargs)
+                    hflip=data_config.hflip, nan_cost=data_config.get("nan_cost", "zero"),
+                    **kwargs)
 
 
 def load_all(path: str | Path, split: str = "train") -> dict[str, np.ndarray]:

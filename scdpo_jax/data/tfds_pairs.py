@@ -112,6 +112,14 @@ class PairSchema:
     return cls(**kw)
 
 
+class DuplicatePairIdError(ValueError):
+  """Two examples of one split share a pair_id."""
+
+
+class EmptySplitError(ValueError):
+  """A split to write holds no examples."""
+
+
 class ScdpoPairsConfig(tfds.core.BuilderConfig):
   """Builder config carrying the schema (the config name is `schema.config_name`)."""
 
@@ -148,8 +156,19 @@ class ScdpoPairs(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, examples: Iterable[dict]) -> Iterator[tuple[int, dict]]:
     schema = self.builder_config.schema
+    seen: dict[str, int] = {}
+    i = -1
     for i, ex in enumerate(examples):
-      yield i, complete_example(ex, schema)
+      out = complete_example(ex, schema)
+      pid = str(out["pair_id"])
+      if pid in seen:
+        raise DuplicatePairIdError(f"pair_id {pid!r} occurs twice (examples {seen[pid]} and {i}); "
+                                   "pair ids must be unique within a split")
+      seen[pid] = i
+      yield i, out
+    if i < 0:
+      raise EmptySplitError("no pairs to write: the input yielded no usable rows (is the CSV "
+                            "only a header, or were all rows dropped? see the conversion report)")
 
 
 def complete_example(ex: Mapping[str, Any], schema: PairSchema) -> dict[str, Any]:

@@ -75,7 +75,8 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
                                    ("unet", "text_encoder", "tokenizer", "scheduler"))
   if config.data.source == "tfds":
     from scdpo_jax.data import loader as tfds_loader
-    tfds_loader.check_pair_dataset(config.data)
+    tfds_loader.check_pair_dataset(config.data, model_folder=config.model.pretrained or None,
+                                   text_layer=int(config.model.text_layer))
 
 
 # ------------------------------------------------------------------------------ model and data

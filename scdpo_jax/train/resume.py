@@ -32,7 +32,6 @@ RESUMABLE_KEYS = (
     "checkpoint.keep", "checkpoint.async_save", "mesh.", "distributed.", "resume.",
     "model.attention_impl", "model.remat_policy", "sharding_rules",
 )
-_HASH_BYTES = 1 << 20
 
 
 class ResumeMismatchError(UserError, ValueError):
@@ -53,25 +52,13 @@ def _matches(key: str, patterns) -> bool:
              for p in patterns)
 
 
-def file_identity(path: Path) -> str:
-  """size + sha256 of the first and last MiB: cheap for multi-GB weights, changes with them."""
-  size = path.stat().st_size
-  h = hashlib.sha256(str(size).encode())
-  with open(path, "rb") as f:
-    h.update(f.read(_HASH_BYTES))
-    if size > _HASH_BYTES:
-      f.seek(max(size - _HASH_BYTES, _HASH_BYTES))
-      h.update(f.read())
-  return f"{size}:{h.hexdigest()[:16]}"
-
-
 def model_identity(folder: Path) -> dict[str, str]:
   """The UNet's config and weights files of a diffusers folder, by content identity."""
   unet = Path(folder) / "unet"
   out = {}
   for path in sorted(unet.glob("*")):
     if path.suffix in (".json", ".safetensors"):
-      out[f"base_model.unet/{path.name}"] = file_identity(path)
+      out[f"base_model.unet/{path.name}"] = files.file_identity(path)
   return out
 
 
