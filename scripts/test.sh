@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Run the test suite (sets up .venv with the test requirements first). Extra args go to pytest.
+# Run the test suite (sets up .venv with the test requirements and the evaluation extra first, so
+# the real NudeNet detector test runs). Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/setup_env.sh requirements.txt requirements-test.txt
+source scripts/setup_env.sh requirements.txt requirements-test.txt requirements-eval.txt
 set +e
 python -m pytest -q "$@"
 rc=$?

@@ -12,20 +12,26 @@ lam_max)` with `E[C] = mean(sigmoid(z) C_w + (1 - sigmoid(z)) C_l)`, and Dynamic
 `w = (1 - sigmoid(z))^gamma` (detached), `loss = sum(w nll) / sum(w)`.
 
 Compared: our step's loss and metrics, per-pair logits (`micro_batch_terms`) and parameter
-gradients (torch autograd on the diffusers UNet, moved to our layout by
-`scdpo_jax.models.convert`). Gradients are read exactly from the real jitted `train_step`
-through an optimizer whose state is the last gradient.
+gradients (torch autograd, moved to our layout by `scdpo_jax.models.convert`). Gradients are
+read exactly from the real jitted `train_step` through an optimizer whose state is the last
+gradient. Two model pairs: the tiny diffusers UNet, and a one-conv toy denoiser (same step and
+loss code; it compiles in about a second, so tests/mutation_check.py runs its cases).
 
-Tolerance: 1e-5 relative to the largest value compared (fp32). Measured (2-core CPU): loss
-<= 8e-7, per-pair logits <= 6e-6, gradients <= 6e-6 (`pytest -s` prints them per case). Every configuration is compiled once and shared by its cases: gamma is
-ramped (`gamma_ramp_steps`), so one program gives gamma = 0 at step 0 and gamma > 0 later.
+Tolerance, relative to the largest value compared (fp32): UNet 1e-5, measured (2-core CPU)
+loss <= 8e-7, per-pair logits <= 6e-6, gradients <= 6e-6; toy 5e-5, measured gradients
+<= 1.4e-5 (its few parameters each sum the whole batch, with cancellation between winner and
+loser). `pytest -s` prints the errors per case. Every configuration is compiled once and shared
+by its cases: gamma is ramped (`gamma_ramp_steps`), so one program gives gamma = 0 at step 0
+and gamma > 0 later.
 """
 
 from __future__ import annotations
 
 import functools
+import types
 
 import diffusers
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,14 +47,16 @@ from scdpo_jax.models.unet_config import UNetConfig
 from scdpo_jax.train import step as step_lib
 from tests.torch_refs import nchw_to_nhwc, nhwc_to_nchw
 
-TOL = 1e-5
+TOL = {"unet": 1e-5, "toy": 5e-5}  # relative; see the module docstring
 N_PAIRS, SEQ, DIM, SIZE = 8, 7, 32, 8
 UNET = dict(sample_size=SIZE, in_channels=4, out_channels=4, block_out_channels=(32,),
             layers_per_block=1, cross_attention_dim=DIM, attention_head_dim=4,
-            down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
-# Small beta: the tiny random policy and reference differ by O(0.1) in MSE, so beta = 10 gives
-# logits of order 1 on both sides of 0 (beta = 5000 would saturate every sigmoid).
-BETA = 10.0
+            down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",))
+# (cross-attention in the mid block only: the text conditioning, caption dropout included, goes
+# through attention; the fewer blocks keep each compile ~13 s of CPU on a 2-core machine)
+# Small beta: the tiny random policies and references differ by O(0.1) in MSE, so these betas
+# give logits of order 1 on both sides of 0 (beta = 5000 would saturate every sigmoid).
+BETA = {"unet": 10.0, "toy": 10.0}
 LAM = 1.5
 CAPTION_DROPOUT = 0.3
 GAMMA, RAMP = 2.0, 4  # gamma ramps 0 -> 2 over 4 steps: step 0 gives 0, step 2 gives 1, 4+ give 2
@@ -64,17 +72,63 @@ def _torch_unet(seed):
   return model.train()
 
 
-class _Models:
-  """Torch policy/reference, our UNet module and both parameter trees, the schedule, a batch."""
+class ToyDenoiser(nn.Module):
+  """A denoiser that compiles in about a second (for the mutation check's fast cases):
+  tanh(conv3x3(x)) scaled by a timestep embedding, shifted by a pooled text embedding (NHWC)."""
 
-  def __init__(self):
-    self.policy_t, self.ref_t = _torch_unet(1), _torch_unet(2)
+  @nn.compact
+  def __call__(self, x, t, states):
+    h = jnp.tanh(nn.Conv(4, (3, 3), padding=1, name="conv")(x))
+    temb = nn.Dense(4, name="time")(t.astype(jnp.float32)[:, None] / 1000.0)
+    text = nn.Dense(4, name="text")(states.mean(axis=1))
+    return h * (1.0 + temb[:, None, None, :]) + text[:, None, None, :]
+
+
+class TorchToyDenoiser(torch.nn.Module):
+  """`ToyDenoiser` in PyTorch (NCHW), called like a diffusers UNet."""
+
+  def __init__(self, seed, scale=1.0):
+    super().__init__()
+    torch.manual_seed(seed)
+    self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    self.time = torch.nn.Linear(1, 4)
+    self.text = torch.nn.Linear(DIM, 4)
+    with torch.no_grad():
+      for p in self.parameters():
+        p.mul_(scale)
+
+  def forward(self, x, t, encoder_hidden_states):
+    h = torch.tanh(self.conv(x))
+    temb = self.time(t.float()[:, None] / 1000.0)
+    text = self.text(encoder_hidden_states.mean(dim=1))
+    return types.SimpleNamespace(sample=h * (1.0 + temb[:, :, None, None])
+                                 + text[:, :, None, None])
+
+
+class _Models:
+  """Torch policy/reference, our module and both parameter trees, the schedule, a batch.
+
+  kind "unet": the tiny diffusers UNet2DConditionModel and ours; "toy": `ToyDenoiser`.
+  """
+
+  def __init__(self, kind: str):
+    self.kind, self.beta = kind, BETA[kind]
+    self.cfgs = _configs(self.beta)
     self.scheduler = diffusers.DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
         beta_schedule="scaled_linear", prediction_type="epsilon")
     self.schedule = sch.schedule_from_config(dict(self.scheduler.config))
-    self.module = UNet2DConditionModel(UNetConfig.from_dict(dict(self.policy_t.config)))
-    self.shapes = abstract_params(self.module)
+    if kind == "unet":
+      self.policy_t, self.ref_t = _torch_unet(1), _torch_unet(2)
+      self.module = UNet2DConditionModel(UNetConfig.from_dict(dict(self.policy_t.config)))
+      self.shapes = abstract_params(self.module)
+    else:
+      # a reference far from the policy: per-pair MSE differences well above fp32 rounding
+      self.policy_t, self.ref_t = TorchToyDenoiser(1), TorchToyDenoiser(2, scale=3.0)
+      self.module = ToyDenoiser()
+      self.shapes = jax.eval_shape(self.module.init, jax.random.key(0),
+                                   jnp.zeros((1, SIZE, SIZE, 4)), jnp.zeros((1,), jnp.int32),
+                                   jnp.zeros((1, SEQ, DIM)))["params"]
     self.params = self.to_flax(self.policy_t.state_dict())
     self.ref_params = self.to_flax(self.ref_t.state_dict())
 
@@ -104,14 +158,24 @@ class _Models:
                                  self.shapes, source="torch")
 
 
-@pytest.fixture(scope="module")
-def models():
-  # One torch thread: on a small shared CPU, torch's thread pool competing with XLA's makes the
-  # reference 10-50x slower.
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+  # On a small shared CPU, torch's thread pool competing with XLA's makes the reference 10-50x
+  # slower.
   threads = torch.get_num_threads()
   torch.set_num_threads(1)
-  yield _Models()
+  yield
   torch.set_num_threads(threads)
+
+
+@functools.cache
+def _models(kind: str) -> _Models:
+  return _Models(kind)
+
+
+@pytest.fixture(scope="module")
+def models():
+  return _models("unet")
 
 
 def _capture_grads() -> optax.GradientTransformation:
@@ -188,23 +252,23 @@ def torch_step(m: _Models, *, t, noise, drop, lam, gamma, cfg: step_lib.StepConf
 
 # ----------------------------------------------------------------------------- our step, compiled once
 
-CONFIGS = {
-    "none": step_lib.StepConfig(beta=BETA, safety_mode="none", gamma=GAMMA, gamma_ramp_steps=RAMP,
-                                caption_dropout=CAPTION_DROPOUT),
-    # micro-batches of 4 against the torch loss on all 8 pairs: the sum(w) normalisation and the
-    # gradient sum must be exact across micro-batches
-    "relabel_accum2": step_lib.StepConfig(beta=BETA, safety_mode="relabel", gamma=GAMMA,
-                                          gamma_ramp_steps=RAMP, caption_dropout=CAPTION_DROPOUT,
-                                          grad_accum=2),
-    "margin": step_lib.StepConfig(beta=BETA, safety_mode="margin", gamma=GAMMA,
-                                  gamma_ramp_steps=RAMP, caption_dropout=CAPTION_DROPOUT),
-    # with the unnormalised focusing loss sum(w nll) / B
-    "dual_unnorm": step_lib.StepConfig(beta=BETA, safety_mode="dual", gamma=GAMMA,
-                                       gamma_ramp_steps=RAMP, focus_normalize=False,
-                                       caption_dropout=CAPTION_DROPOUT, **DUAL),
-    "sft": step_lib.StepConfig(loss_type="sft", beta=BETA, safety_mode="none",
-                               caption_dropout=CAPTION_DROPOUT),
-}
+def _configs(beta: float) -> dict[str, step_lib.StepConfig]:
+  common = dict(beta=beta, caption_dropout=CAPTION_DROPOUT)
+  ramp = dict(gamma=GAMMA, gamma_ramp_steps=RAMP)
+  return {
+      "none": step_lib.StepConfig(safety_mode="none", **ramp, **common),
+      # micro-batches of 4 against the torch loss on all 8 pairs: the sum(w) normalisation and
+      # the gradient sum must be exact across micro-batches
+      "relabel_accum2": step_lib.StepConfig(safety_mode="relabel", grad_accum=2, **ramp,
+                                            **common),
+      "margin": step_lib.StepConfig(safety_mode="margin", **ramp, **common),
+      # with the unnormalised focusing loss sum(w nll) / B
+      "dual_unnorm": step_lib.StepConfig(safety_mode="dual", focus_normalize=False, **ramp,
+                                         **DUAL, **common),
+      "sft": step_lib.StepConfig(loss_type="sft", safety_mode="none", **common),
+  }
+
+
 REF_GRAD = "margin"  # the config whose program also differentiates terms w.r.t. the reference
 
 
@@ -216,7 +280,7 @@ def _compiled(m: _Models, name: str):
   outputs of `micro_batch_terms` on the whole batch, its gradient w.r.t. the reference params
   or None).
   """
-  cfg = CONFIGS[name]
+  cfg = m.cfgs[name]
   kw = dict(apply_fn=m.module.apply, ref_apply_fn=m.module.apply, schedule=m.schedule, cfg=cfg)
   train_step = step_lib.make_train_step(optimizer=_capture_grads(), **kw)
 
@@ -269,9 +333,13 @@ CASES = [  # (config, step, gamma at that step): gamma ramps 0 -> GAMMA over RAM
 ERRORS = {}  # measured relative errors, printed at the end of the module
 
 
+@pytest.mark.parametrize("kind", ["unet", "toy"])
 @pytest.mark.parametrize("name,step,gamma", CASES, ids=[f"{c}-step{s}" for c, s, _ in CASES])
-def test_train_step_matches_torch_reference(models, name, step, gamma):
-  m, cfg = models, CONFIGS[name]
+def test_train_step_matches_torch_reference(kind, name, step, gamma):
+  """kind "unet": the tiny diffusers UNet; "toy": a one-conv denoiser (the same step and loss
+  code; compiles in a second, so tests/mutation_check.py runs these cases)."""
+  m = _models(kind)
+  cfg = m.cfgs[name]
   state = _state(m, step, LAM, seed=step)
   rnd = _randomness(m, state, cfg)
   drop = np.asarray(rnd["drop_caption"])
@@ -287,20 +355,20 @@ def test_train_step_matches_torch_reference(models, name, step, gamma):
   errors["grads"], grad_scale = _grad_err(m, new_state.opt_state, ref["grads"])
   if cfg.loss_type == "dpo":
     errors["logits"] = _rel_err(per_pair["logit"], ref["logit"])
-    np.testing.assert_allclose(float(metrics["loss/all"]), ref["nll"].mean(), rtol=TOL)
+    np.testing.assert_allclose(float(metrics["loss/all"]), ref["nll"].mean(), rtol=TOL[kind])
     np.testing.assert_array_equal(np.asarray(per_pair["implicit_acc"]),
                                   (ref["logit"] > 0).astype(np.float32))
     np.testing.assert_allclose(float(metrics["implicit_acc/all"]), (ref["logit"] > 0).mean())
     assert np.abs(ref["logit"]).max() < 10, "the logits must not saturate the sigmoid"
-  ERRORS[f"{name}-step{step}"] = errors
+  ERRORS[f"{kind}-{name}-step{step}"] = errors
   for key, err in errors.items():
-    assert err <= TOL, f"{name} step {step}: {key} relative error {err:.2e} > {TOL}"
+    assert err <= TOL[kind], f"{name} step {step}: {key} relative error {err:.2e} > {TOL[kind]}"
   assert grad_scale > 1e-3
 
   lam_after = float(new_state.lam)
   if cfg.safety_mode == "dual":
     assert lam_after != LAM, "the dual variable must move"
-    np.testing.assert_allclose(lam_after, ref["lam"], rtol=TOL)
+    np.testing.assert_allclose(lam_after, ref["lam"], rtol=TOL[kind])
   else:
     assert lam_after == LAM
 
@@ -322,11 +390,11 @@ def test_batch_exercises_every_branch(models):
 
 
 def test_randomness_is_per_step_and_in_range(models):
-  rnd = _randomness(models, _state(models, 3, LAM), CONFIGS["none"])
+  rnd = _randomness(models, _state(models, 3, LAM), models.cfgs["none"])
   t = np.asarray(rnd["t"])
   assert rnd["noise"].shape == models.batch["latents_w"].shape and t.shape == (N_PAIRS,)
   assert t.min() >= 0 and t.max() < 1000 and len(set(t.tolist())) > 1
-  other = _randomness(models, _state(models, 4, LAM), CONFIGS["none"])
+  other = _randomness(models, _state(models, 4, LAM), models.cfgs["none"])
   assert not np.array_equal(np.asarray(other["noise"]), np.asarray(rnd["noise"]))
 
 
