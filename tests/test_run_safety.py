@@ -220,3 +220,31 @@ def test_ctrl_c_saves_then_exits_with_the_interrupted_status(base, tmp_path):
   assert step is not None and step >= 1
   result = json.loads((tmp_path / "train_result.json").read_text())
   assert result["interrupted_by"] == "SIGINT" and result["end_step"] == step
+
+
+def test_multi_host_run_locks_on_process_0_and_every_process_learns_it(base, tmp_path):
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  run_dir = tmp_path / "mh"
+  with lock.WorkdirLock(run_dir):  # another run holds the workdir
+    procs = []
+    for pid in range(2):
+      spec = {"runs": {"mh": {"model.pretrained": base,
+                              "distributed.coordinator_address": f"127.0.0.1:{port}",
+                              "distributed.num_processes": 2, "distributed.process_id": pid}},
+              "workdir": str(tmp_path), "result": str(tmp_path / f"result{pid}.json")}
+      path = tmp_path / f"spec{pid}.json"
+      path.write_text(json.dumps(spec))
+      env = {**os.environ, "PYTHONPATH": str(ROOT),
+             "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+      procs.append(subprocess.Popen([sys.executable, "-m", "tests.train_utils", str(path)],
+                                    cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  result = json.loads((tmp_path / "result0.json").read_text())["mh"]  # process 0 writes it
+  assert "WorkdirLockedError" in result["error"] and f"pid {os.getpid()}" in result["error"]
+  assert not (run_dir / "checkpoints").exists()

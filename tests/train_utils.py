@@ -74,13 +74,15 @@ def _worker(spec_path: str) -> None:
   from flax import traverse_util
 
   spec = json.loads(Path(spec_path).read_text())
-  from scdpo_jax.train import loop
+  from scdpo_jax import jobs
 
   results = {}
   for name, overrides in spec["runs"].items():
     config = tiny_train_config(**overrides)
     try:
-      result = loop.run(config, Path(spec["workdir"]) / name)
+      # through jobs.run, as main.py does: the workdir lock (process 0 locks, the others learn
+      # its verdict) is part of every multi-process run
+      result = jobs.run(config, str(Path(spec["workdir"]) / name))
     except Exception as e:  # reported to the test, which asserts on it
       results[name] = {"error": f"{type(e).__name__}: {e}"}
       continue
