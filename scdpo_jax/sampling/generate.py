@@ -149,6 +149,11 @@ class TextToImage:
     negative = encode(negative_ids) if guard.needs_negative else None
     cond = guards.Conditioning(prompt=prompt_states, unconditional=uncond,
                                guidance_scale=guidance_scales, negative=negative)
+    cond = guards.add_guard_states(  # SLD's safety concept, SAFREE's filtered prompt states
+        cond, guard, prompt_ids=prompt_ids, encode_states=encode,
+        encode_pooled=lambda ids: sd.text_encoder.apply({"params": text_params},
+                                                        ids).pooler_output,
+        tokenize=self._ids, eos_token_id=sd.tokenizer.eos_token_id)
 
     def model(x, t, states):
       return sd.unet.apply({"params": unet_params}, x, t, states)

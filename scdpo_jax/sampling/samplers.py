@@ -46,6 +46,7 @@ batch size or the device count - which is what makes the prompt-set runner resum
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Mapping
 
@@ -63,6 +64,20 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # x_t to use for the solver update). Guards such as TraSCE's loss guidance move x_t before the
 # update; plain guidance returns x_t unchanged.
 Denoiser = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class StatefulDenoiser:
+  """A denoiser that sees the scan step index and carries a guard state across steps.
+
+  `init(x_T) -> state` (a pytree, e.g. SLD's momentum); `step(x_t, t, i, state) -> (model
+  output, x_t for the update, new state)` with `i` the 0-based step index (int32 scalar). Used by
+  guards whose rule depends on the step (SLD's warm-up and momentum, SAFREE's filtered-step
+  window); `run_sampler` accepts it wherever it accepts a `Denoiser`.
+  """
+
+  init: Callable[[jax.Array], Any]
+  step: Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, jax.Array, Any]]
 
 
 @struct.dataclass
@@ -338,13 +353,14 @@ def model_output_to_x0_eps(prediction_type: str, output: jax.Array, x_t: jax.Arr
   raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
-def run_sampler(plan: SamplerPlan, denoise: Denoiser, x_start: jax.Array,
+def run_sampler(plan: SamplerPlan, denoise: Denoiser | StatefulDenoiser, x_start: jax.Array,
                 keys: jax.Array | None = None, *,
                 batch_sharding: jax.sharding.Sharding | None = None) -> jax.Array:
   """Integrate from x_start (= x_T, (B, H, W, C)) to x_0 with `lax.scan`; returns (B, H, W, C).
 
   `denoise(x_t, t)` returns (model output, x_t for the update); it is typically a guided UNet from
-  `scdpo_jax.sampling.guards`. `keys` (B,) per-sample keys are needed when the plan is stochastic
+  `scdpo_jax.sampling.guards`; a `StatefulDenoiser` also gets the step index and its state
+  (carried in the scan, pinned to the batch sharding like x_t). `keys` (B,) per-sample keys are needed when the plan is stochastic
   (DDIM with eta > 0). `batch_sharding` (optional) pins the carry's layout to the batch
   sharding of the mesh on every step. Call inside `jax.jit`.
   """
@@ -356,10 +372,19 @@ def run_sampler(plan: SamplerPlan, denoise: Denoiser, x_start: jax.Array,
   def constrain(x):
     return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
 
+  stateful = isinstance(denoise, StatefulDenoiser)
+
+  def constrain_state(state):
+    return jax.tree.map(lambda a: constrain(a) if a.ndim == x_start.ndim else a, state)
+
   def body(carry, step):
-    x, prev_x0 = carry
+    x, prev_x0, state = carry
     i, t, alpha, sigma, c_sample, c_x0, c_prev_x0, c_eps, c_noise = step
-    output, x = denoise(x, t)
+    if stateful:
+      output, x, state = denoise.step(x, t, i, state)
+      state = constrain_state(state)
+    else:
+      output, x = denoise(x, t)
     x0, eps = model_output_to_x0_eps(plan.prediction_type, output.astype(jnp.float32), x,
                                      alpha, sigma)
     if plan.clip_sample_range is not None:
@@ -367,10 +392,11 @@ def run_sampler(plan: SamplerPlan, denoise: Denoiser, x_start: jax.Array,
     x_next = c_sample * x + c_x0 * x0 + c_prev_x0 * prev_x0 + c_eps * eps
     if plan.stochastic:
       x_next = x_next + c_noise * step_noise(keys, i, sample_shape)
-    return (constrain(x_next), constrain(x0)), None
+    return (constrain(x_next), constrain(x0), state), None
 
   steps = (jnp.arange(plan.num_steps, dtype=jnp.int32), plan.timesteps, plan.alpha, plan.sigma,
            plan.c_sample, plan.c_x0, plan.c_prev_x0, plan.c_eps, plan.c_noise)
   x_start = constrain(x_start)
-  (x_final, _), _ = jax.lax.scan(body, (x_start, jnp.zeros_like(x_start)), steps)
+  state = constrain_state(denoise.init(x_start)) if stateful else ()
+  (x_final, _, _), _ = jax.lax.scan(body, (x_start, jnp.zeros_like(x_start), state), steps)
   return x_final
