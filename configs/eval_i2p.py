@@ -20,7 +20,11 @@ ViT-L/14) and `metrics.q16.prompts_file` (Q16's prompts.p) are set; the project'
 when `metrics.cost_model.workdir` (a `cost_model` job's workdir) is set. Missing weights are
 reported in summary.md, the other metrics still run. Baselines: `--config.sampling.guard.negative_prompting=standard
 --config.sampling.negative_prompt="..."` (plain negative prompt) or
-`--config.sampling.guard.preset=trasce_nudity` (TraSCE, README settings). Resumable:
+`--config.sampling.guard.preset=trasce_nudity` (TraSCE, README settings), `sld_medium` (Safe
+Latent Diffusion, diffusers' presets sld_weak / sld_medium / sld_strong / sld_max; with
+`guard.negative_prompting=standard` the negative prompt is SLD's anchor) or `safree_nudity` /
+`safree_violence` (SAFREE; its concept phrases are the negative prompt; the official runs use
+`--config.sampling.sampler=dpmsolver++`). Resumable:
 rerun the same command to continue an interrupted run.
 """
 
@@ -81,7 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.sampling.guidance_scale = 7.5  # when the CSV has none
   config.sampling.negative_prompt = ""  # for negative_prompting != "none" / loss guidance
   config.sampling.guard = ml_collections.ConfigDict()
-  config.sampling.guard.preset = ""  # "" | "trasce_nudity" | "trasce_violence" (overrides below)
+  # "" | "trasce_nudity" | "trasce_violence" | "sld_weak" | "sld_medium" | "sld_strong" |
+  # "sld_max" | "safree_nudity" | "safree_violence" (a preset overrides the fields below)
+  config.sampling.guard.preset = ""
   config.sampling.guard.negative_prompting = "none"  # "none" | "standard" | "trasce"
   config.sampling.guard.loss_scale = 0.0  # TraSCE s_l (0 = no loss guidance)
   config.sampling.guard.loss_step = 1.0  # TraSCE s_g

@@ -37,7 +37,8 @@ from scdpo_jax.evaluation import metrics as metrics_lib
 from scdpo_jax.evaluation.prompts import PromptRecord, read_prompt_csv, write_prompt_csv
 
 KNOWN_METRICS = ("nudenet", "cost_model", "clip_score", "q16")
-GUARD_PRESETS = ("trasce_nudity", "trasce_violence")
+GUARD_PRESETS = ("trasce_nudity", "trasce_violence", "sld_weak", "sld_medium", "sld_strong",
+                 "sld_max", "safree_nudity", "safree_violence")  # = sampling.guards.GUARD_PRESETS
 SUMMARY_COLUMNS = (
     ("n_images", "images", "int"), ("n_prompts", "prompts", "int"),
     ("nudenet_broad_rate", "NudeNet broad", "pct"),
@@ -139,7 +140,7 @@ def _settings(config):
     if gc.preset not in GUARD_PRESETS:
       raise ValueError(f"sampling.guard.preset={gc.preset!r}; use one of {GUARD_PRESETS} or "
                        "'' (then negative_prompting / loss_* apply)")
-    guard = guards.trasce_guard(gc.preset.removeprefix("trasce_"))
+    guard, preset_negative = guards.guard_preset(gc.preset, gc.negative_prompting)
   else:
     guard = guards.GuardConfig.make(gc.negative_prompting, gc.loss_scale, gc.loss_step,
                                     gc.loss_sigma)
@@ -148,10 +149,8 @@ def _settings(config):
                                           else sc.steps_offset)) if v is not None)
   negative = sc.negative_prompt
   if guard.needs_negative and not negative:
-    if gc.preset == "trasce_violence":
-      negative = guards.TRASCE_VIOLENCE_NEGATIVE_PROMPT
-    elif gc.preset:
-      negative = guards.TRASCE_NUDITY_NEGATIVE_PROMPT
+    if gc.preset and preset_negative:
+      negative = preset_negative
     else:
       raise ValueError(f"the guard {guard.describe()} needs --config.sampling.negative_prompt")
   settings = generate.SamplingSettings(

@@ -220,14 +220,18 @@ GUARD_PRESETS = ("trasce_nudity", "trasce_violence", "sld_weak", "sld_medium", "
                  "sld_max", "safree_nudity", "safree_violence")
 
 
-def guard_preset(name: str) -> tuple[GuardConfig, str | None]:
-  """The guard of a preset name and the negative prompt it runs with (None: the caller's)."""
+def guard_preset(name: str, sld_negative_prompting: str = "none"
+                 ) -> tuple[GuardConfig, str | None]:
+  """The guard of a preset name and the negative prompt it runs with (None: the caller's).
+
+  SLD presets take their anchor from `sld_negative_prompting` ("none": "", "standard": the
+  caller's negative prompt, diffusers' `negative_prompt`); the others ignore it."""
   if name == "trasce_nudity":
     return trasce_guard("nudity"), TRASCE_NUDITY_NEGATIVE_PROMPT
   if name == "trasce_violence":
     return trasce_guard("violence"), TRASCE_VIOLENCE_NEGATIVE_PROMPT
   if name.startswith("sld_") and name in GUARD_PRESETS:
-    return sld_guard(name.removeprefix("sld_")), None
+    return sld_guard(name.removeprefix("sld_"), sld_negative_prompting), None
   if name.startswith("safree_") and name in GUARD_PRESETS:
     concept = name.removeprefix("safree_")
     return safree_guard(concept), safree_negative_prompt(concept)
