@@ -224,3 +224,14 @@ def test_sharded_lora_training_matches_one_device(tmp_path_factory):
     assert sorted(params.files) == sorted(single_params.files)
     for key in single_params.files:
       np.testing.assert_allclose(params[key], single_params[key], atol=1e-5, err_msg=key)
+
+
+def test_lora_config_errors_come_before_any_compile(tmp_path):
+  from scdpo_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match="lora.dropout"):
+    _run(tmp_path, **{"lora.dropout": 0.1})
+  with pytest.raises(ConfigError, match="lora.init"):
+    _run(tmp_path, **{"lora.init": "zeros"})
+  with pytest.raises(ConfigError, match="match no Dense / Conv kernel"):
+    _run(tmp_path, **{"lora.targets": ("text_model/.*",)})
+  assert not (tmp_path / "checkpoints").exists()
