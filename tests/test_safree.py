@@ -180,13 +180,14 @@ def test_masked_prompt_pooling_matches_official(tiny):
   np.testing.assert_allclose(np.asarray(pooled)[:len(p_emb)], p_emb, atol=1e-5)
 
 
-def _official_images(pipe, folder, t2i, negative, concepts, up_t):
+def _official_images(pipe, folder, t2i, negative, concepts, up_t, filtered=True):
   keys = samplers.sample_keys(np.array(SEEDS), np.array(INDICES))
   x_start = np.asarray(samplers.initial_noise(keys, t2i.latent_shape))
   tok, te = pipe.tokenizer, pipe.text_encoder
   out, info = [], []
   for b, prompt in enumerate(PROMPTS):
     text_e, merged, rm, _, last = _official_embeddings(pipe, prompt, concepts, up_t=up_t)
+    last = last if filtered else -1
     info.append((rm, last))
     with torch.no_grad():
       neg = te(tok(negative, padding="max_length", max_length=tok.model_max_length,
@@ -216,16 +217,33 @@ def test_safree_guard_matches_official_loop(tiny, up_t):
       sampler="dpmsolver++", num_steps=5, guard=guard), batch_size=2)
   ours = t2i(PROMPTS, SEEDS, INDICES, GUIDANCE, [negative] * 2) / 2 + 0.5
   expected, info = _official_images(pipe, folder, t2i, negative, safree.NUDITY_CONCEPTS, up_t)
-  print("triggers / t'", [(int((rm == 0).sum()), len(rm), last) for rm, last in info])
   err = np.abs(ours - expected).max()
+  # measured 4.6e-6 (up_t 10: t' = 10, all 5 steps filtered), 4.2e-6 (up_t 3: steps 0-3)
   assert err <= 1e-5, err
   assert any((rm == 0).any() for rm, _ in info)  # some prompt has trigger tokens
-  # SAFREE changed the images: plain negative prompting with the same negative differs
-  plain = generate.TextToImage(sd, generate.SamplingSettings(
-      sampler="dpmsolver++", num_steps=5, guard=guards.GuardConfig.make("standard")),
-      batch_size=2)
-  assert np.abs(plain(PROMPTS, SEEDS, INDICES, GUIDANCE, [negative] * 2) / 2 + 0.5
-                - expected).max() > 1e-3
+  # SAFREE changed the images: the same loop without the filtered states differs
+  unfiltered, _ = _official_images(pipe, folder, t2i, negative, safree.NUDITY_CONCEPTS, up_t,
+                                   filtered=False)
+  assert np.abs(unfiltered - expected).max() > 1e-3
+
+
+def test_eval_config_selects_the_guard_presets():
+  from configs import eval_i2p
+  from scdpo_jax.evaluation import job
+  assert job.GUARD_PRESETS == guards.GUARD_PRESETS
+  config = eval_i2p.get_config()
+  for name in guards.GUARD_PRESETS:
+    config.sampling.guard.preset = name
+    settings, negative = job._settings(config)
+    guard, preset_negative = guards.guard_preset(name)
+    assert settings.guard.describe() == guard.describe()
+    assert negative == (preset_negative or "")
+  config.sampling.guard.preset = "sld_strong"
+  config.sampling.guard.negative_prompting = "standard"
+  config.sampling.negative_prompt = "blurry"
+  settings, negative = job._settings(config)
+  assert settings.guard.negative_prompting == "standard" and negative == "blurry"
+  assert settings.guard.sld == guards.sld_config("strong")
 
 
 def test_safree_config_and_presets():
