@@ -360,9 +360,9 @@ def run_sampler(plan: SamplerPlan, denoise: Denoiser | StatefulDenoiser, x_start
 
   `denoise(x_t, t)` returns (model output, x_t for the update); it is typically a guided UNet from
   `scdpo_jax.sampling.guards`; a `StatefulDenoiser` also gets the step index and its state
-  (carried in the scan, pinned to the batch sharding like x_t). `keys` (B,) per-sample keys are needed when the plan is stochastic
-  (DDIM with eta > 0). `batch_sharding` (optional) pins the carry's layout to the batch
-  sharding of the mesh on every step. Call inside `jax.jit`.
+  (carried in the scan, pinned to the batch sharding like x_t). `keys` (B,) per-sample keys
+  are needed when the plan is stochastic (DDIM with eta > 0). `batch_sharding` (optional) pins
+  the carry's layout to the batch sharding of the mesh on every step. Call inside `jax.jit`.
   """
   if plan.stochastic and keys is None:
     raise ValueError("this plan draws noise (eta > 0): pass the per-sample keys")
