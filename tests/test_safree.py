@@ -253,3 +253,27 @@ def test_safree_config_and_presets():
   assert guard.safree.concepts == safree.VIOLENCE_CONCEPTS and guard.negative_prompting == (
       "standard") and negative == ", ".join(safree.VIOLENCE_CONCEPTS)
   assert guard.describe()["safree"]["lra"] == "released"
+
+
+def test_without_svf_the_window_selects_the_steps():
+  """`-svf` off: the filtered states condition the steps window_start <= i <= window_end (the
+  launcher's -1, 1001: every step); with svf, the steps i <= t'."""
+  rng = np.random.default_rng(1)
+  table = jnp.asarray(rng.standard_normal((20, 8)), jnp.float32)
+  pooled = lambda ids: jnp.cumsum(table[ids], axis=1)[:, -1]  # a stand-in encoder
+  ids = jnp.asarray([[18, 3, 4, 5, 19, 19, 19, 19], [18, 6, 19, 19, 19, 19, 19, 19]])
+  states = jnp.asarray(rng.standard_normal((2, 8, 8)), jnp.float32)
+  concept_ids = jnp.asarray([[18, 3, 19, 19, 19, 19, 19, 19]])
+  cfg = safree.SafreeConfig(svf=False, window_start=1.0, window_end=2.0)
+  filtered, last, trigger = safree.safree_states(cfg, ids, states, concept_ids, pooled, 19)
+  np.testing.assert_array_equal(np.asarray(last), [2, 2])
+  np.testing.assert_array_equal(
+      [np.asarray(safree.use_filtered(cfg, jnp.asarray(i), last)) for i in range(4)],
+      [[False, False], [True, True], [True, True], [False, False]])
+  assert np.asarray(trigger)[1, 1]  # a one-token prompt: its token is a trigger (official NaN)
+  keep = ~np.asarray(trigger)
+  np.testing.assert_array_equal(np.asarray(filtered)[keep], np.asarray(states)[keep])
+  svf = safree.SafreeConfig(svf=True)
+  _, last, _ = safree.safree_states(svf, ids, states, concept_ids, pooled, 19)
+  use = np.asarray(safree.use_filtered(svf, jnp.asarray(0), last))
+  assert use.all() and np.asarray(last).dtype == np.int32
