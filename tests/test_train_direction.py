@@ -116,3 +116,42 @@ def test_cost_margin_moves_harmful_pairs_more_than_clean_ones(runs):
   moved_harmful, moved_clean = dz[h].mean(), dz[~h].mean()
   assert moved_harmful > 0.25 and moved_harmful > moved_clean + 0.25, (
       f"margin minus plain DPO: harmful {moved_harmful:+.2f}, clean {moved_clean:+.2f}")
+
+
+def test_offset_margin_form_moves_harmful_pairs_more_than_clean_ones(runs):
+  """train.margin_form="offset" (z - lambda (C_l - C_w), SafeDPO-style): the policy must beat the
+  cost gap, so the harmful pairs move more than under plain DPO and more than the clean ones."""
+  module = UNet2DConditionModel(UNetConfig.from_dict(UNET))
+  params = jax.jit(module.init)(
+      jax.random.key(0), *[jnp.zeros(s.shape, s.dtype) for s in module.dummy_inputs()])["params"]
+  schedule = sch.schedule_from_config(dict(
+      num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+      beta_schedule="scaled_linear"))
+  batch = _pairs()
+  empty = np.zeros((1, SEQ, DIM), np.float32)
+  optimizer = optax.adam(LR)
+  out = {}
+  for form in ("offset",):
+    cfg = step_lib.StepConfig(beta=BETA, safety_mode="margin", caption_dropout=0.0,
+                              margin_form=form)
+    kw = dict(apply_fn=module.apply, ref_apply_fn=module.apply, schedule=schedule, cfg=cfg)
+    train_step = jax.jit(step_lib.make_train_step(optimizer=optimizer, **kw))
+    state = step_lib.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+        lam=jnp.asarray(LAM, jnp.float32), skipped=jnp.zeros((), jnp.int32),
+        rng=jax.random.PRNGKey(1))
+    for _ in range(STEPS):
+      state, _ = train_step(state, params, batch, empty)
+
+    def one(key, p=state.params, kw=kw):
+      rnd = step_lib.draw_randomness(key, batch, schedule.num_train_timesteps, 0.0)
+      return step_lib.micro_batch_terms(p, params, {**batch, **rnd}, 0.0, 0.0,
+                                        empty_states=empty, **kw)[1][1]["logit"]
+    out[form] = np.asarray(jnp.mean(jax.vmap(one)(jax.random.split(jax.random.key(123), 16)),
+                                    axis=0))
+  h = batch["is_harmful"] == 1
+  gain = out["offset"] - runs["dpo"]["z"]  # lambda = 0 logits: the preference learned
+  assert gain[h].mean() > 0.25 and gain[h].mean() > gain[~h].mean() + 0.25, (
+      f"offset minus plain DPO: harmful {gain[h].mean():+.2f}, clean {gain[~h].mean():+.2f}")
+  with pytest.raises(ValueError, match="margin_form='plus'"):
+    step_lib.StepConfig(margin_form="plus").validate()

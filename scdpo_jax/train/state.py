@@ -175,9 +175,10 @@ def _flops(compiled) -> float | None:
 
 
 def step_config(train_config: ml_collections.ConfigDict) -> StepConfig:
-  """`StepConfig` from the `train` section: every StepConfig field is a `train.<field>` key."""
+  """`StepConfig` from the `train` section: every StepConfig field is a `train.<field>` key
+  (configs/default.py lists them all; a config without one gets StepConfig's default)."""
   values = {}
   for field in dataclasses.fields(StepConfig):
     default = field.default
-    values[field.name] = type(default)(train_config[field.name])
+    values[field.name] = type(default)(train_config.get(field.name, default))
   return StepConfig(**values)

@@ -34,6 +34,9 @@ from scdpo_jax.train import losses as L
 
 LOSS_TYPES = ("dpo", "sft")
 SAFETY_MODES = ("none", "relabel", "margin", "dual")
+# "bonus": z + lambda (C_l - C_w) (the shipped [I] reconstruction); "offset": z - lambda (C_l - C_w)
+# (SafeDPO / ODPO-style: the policy must beat the cost gap). See losses.cost_margin.
+MARGIN_FORMS = ("bonus", "offset")
 TAGS = ("harmful", "clean")
 PER_PAIR_KEYS = ("loss", "implicit_acc", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l",
                  "focus_weight", "logit", "policy_cost")
@@ -65,12 +68,15 @@ class StepConfig:
   cost_budget: float = struct.field(pytree_node=False, default=0.0)
   dual_lr: float = struct.field(pytree_node=False, default=0.0)
   lam_max: float = struct.field(pytree_node=False, default=1e4)
+  margin_form: str = struct.field(pytree_node=False, default="bonus")
   caption_dropout: float = struct.field(pytree_node=False, default=0.2)
   grad_accum: int = struct.field(pytree_node=False, default=1)
 
   def validate(self) -> None:
     if self.loss_type not in LOSS_TYPES:
       raise ConfigError(f"train.loss_type={self.loss_type!r}; supported: {LOSS_TYPES}")
+    if self.margin_form not in MARGIN_FORMS:
+      raise ConfigError(f"train.margin_form={self.margin_form!r}; supported: {MARGIN_FORMS}")
     if self.safety_mode not in SAFETY_MODES:
       raise ConfigError(f"train.safety_mode={self.safety_mode!r}; supported: {SAFETY_MODES}")
     if not 0.0 <= self.caption_dropout < 1.0:
@@ -141,7 +147,8 @@ def micro_batch_terms(params, ref_params, batch, lam, gamma, *, apply_fn, ref_ap
 
   z = L.dpo_logit(m_w, m_l, r_w, r_l, cfg.beta)
   if cfg.safety_mode in ("margin", "dual"):
-    z = z + L.cost_margin(cost_w, cost_l, lam)
+    margin = L.cost_margin(cost_w, cost_l, lam)
+    z = z + margin if cfg.margin_form == "bonus" else z - margin
   if cfg.loss_type == "sft":
     per_pair_loss, weights = L.sft_nll(m_w), jnp.ones_like(z)
   else:
