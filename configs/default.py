@@ -67,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.beta = 5000.0
   config.train.safety_mode = "margin"  # "none" | "relabel" (A) | "margin" (B) | "dual" (C)
   config.train.lam = 1.0  # lambda: weight of the safety cost (initial value in "dual")
+  # margin form: "bonus" z + lam (C_l - C_w) (shipped; moves harmful pairs LESS than plain DPO,
+  # see README) | "offset" z - lam (C_l - C_w) (SafeDPO-style; moves them more)
+  config.train.margin_form = "bonus"
   config.train.cost_budget = 0.0  # "dual": target expected cost d
   config.train.dual_lr = 0.0  # "dual": dual ascent step size
   config.train.lam_max = 1e4
@@ -102,7 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.lora.rank = 4
   config.lora.alpha = 4.0  # scale alpha / rank, as peft's lora_alpha
   config.lora.init = "gaussian"  # "gaussian" (peft's: A ~ N(0, 1/r^2), B = 0) | "kaiming"
-  config.lora.dropout = 0.0  # only 0: the adapters are merged into the weights
+  config.lora.dropout = 0.0  # on the LoRA branch input (peft lora_dropout); 0 = merged weights
   # Which kernels get adapters: regular expressions (re.fullmatch on module paths such as
   # down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q) or preset names: "attention"
   # (to_q/to_k/to_v/to_out.0, the Diffusion-DPO / SafetyDPO recipe), "feed_forward", "proj",

@@ -134,7 +134,7 @@ def test_bad_lora_configs_are_refused():
   with pytest.raises(ConfigError, match="bad regular expression"):
     adapters.LoraSpec(targets=("to_q(",)).validate()
   with pytest.raises(ConfigError, match="lora.dropout"):
-    adapters.LoraSpec(dropout=0.1).validate()
+    adapters.LoraSpec(dropout=1.0).validate()
   with pytest.raises(ConfigError, match="match no Dense / Conv kernel"):
     from scdpo_jax.models import unet as unet_lib
     from scdpo_jax.models.unet_config import UNetConfig
@@ -144,6 +144,30 @@ def test_bad_lora_configs_are_refused():
         down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",)))
     adapters.abstract_lora(layers.abstract_params(unet_lib.UNet2DConditionModel(cfg)),
                            adapters.LoraSpec(targets=("nothing/like/this",)))
+
+
+def test_dropout_branch_is_peft_forward(tiny):
+  """lora.dropout > 0: y = x W + scale * dropout(x) A B per adapted layer (interceptor, the model
+  definitions unchanged). Rate -> 0 gives the merged model; B = 0 gives the base at any rate
+  (the mask touches only the LoRA branch); a rate of 0.5 changes the output, the same key gives
+  the same masks."""
+  _, unet, params, inputs = tiny
+  spec = adapters.LoraSpec(rank=4, alpha=8.0, targets=("attention", "proj", "resnet_conv"))
+  lora = _random_lora(unet, spec)
+  key = jax.random.PRNGKey(1)
+  run = jax.jit(lambda l, rate, k: adapters.apply_with_dropout(unet, params, l, spec.scale,
+                                                               rate, k, *inputs),
+                static_argnums=1)
+  merged = _apply(unet, adapters.merge(params, lora, spec.scale), inputs)
+  assert np.abs(np.asarray(run(lora, 1e-12, key)) - merged).max() <= TOL
+  zero_b = jax.tree_util.tree_map_with_path(
+      lambda p, v: np.zeros_like(v) if p[-1].key == "lora_B" else v, lora)
+  base = _apply(unet, params, inputs)
+  assert np.abs(np.asarray(run(zero_b, 0.5, key)) - base).max() <= 1e-5
+  half = np.asarray(run(lora, 0.5, key))
+  assert np.abs(half - merged).max() > 0.1
+  np.testing.assert_array_equal(half, np.asarray(run(lora, 0.5, key)))
+  assert np.abs(half - np.asarray(run(lora, 0.5, jax.random.PRNGKey(2)))).max() > 0.1
 
 
 # ------------------------------------------------------------------------------ files: ours -> diffusers

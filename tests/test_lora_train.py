@@ -229,9 +229,19 @@ def test_sharded_lora_training_matches_one_device(tmp_path_factory):
 def test_lora_config_errors_come_before_any_compile(tmp_path):
   from scdpo_jax.errors import ConfigError
   with pytest.raises(ConfigError, match="lora.dropout"):
-    _run(tmp_path, **{"lora.dropout": 0.1})
+    _run(tmp_path, **{"lora.dropout": 1.0})
   with pytest.raises(ConfigError, match="lora.init"):
     _run(tmp_path, **{"lora.init": "zeros"})
   with pytest.raises(ConfigError, match="match no Dense / Conv kernel"):
     _run(tmp_path, **{"lora.targets": ("text_model/.*",)})
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_dropout_training_runs_and_differs(lora_run, tmp_path):
+  """lora.dropout 0.5 trains through the dropout branch: finite, the first loss as with dropout 0
+  (B = 0: the branch is zero whatever the mask), then other losses (B's gradient saw the mask)."""
+  _, plain = lora_run
+  dropped = _run(tmp_path, **{"train.num_steps": 3, "lora.dropout": 0.5})
+  assert all(np.isfinite(dropped["losses"]))
+  np.testing.assert_allclose(dropped["losses"][0], plain["losses"][0], atol=1e-6)
+  assert max(abs(a - b) for a, b in zip(dropped["losses"][1:], plain["losses"][1:])) > 1e-6

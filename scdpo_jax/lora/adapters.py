@@ -79,11 +79,8 @@ class LoraSpec:
       raise ConfigError(f"lora.alpha must be > 0, got {self.alpha}")
     if self.init not in INITS:
       raise ConfigError(f"lora.init={self.init!r}; supported: {INITS}")
-    if self.dropout != 0.0:
-      raise ConfigError(
-          f"lora.dropout={self.dropout}: only 0 is supported (the adapters are merged into the "
-          "weights, W + scale * A @ B, and dropout on the LoRA branch's input has no merged "
-          "form); the Diffusion-DPO / SafetyDPO recipes use 0")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
     if not self.targets:
       raise ConfigError("lora.targets is empty: name at least one rule or preset "
                         f"({sorted(TARGET_PRESETS)})")
@@ -234,3 +231,41 @@ def fuse(base_params: Any, lora_params: Any, scale: float) -> Any:
     dtype = np.result_type(kernel.dtype, np.float32)
     flat[module + ("kernel",)] = kernel.astype(dtype) + np.asarray(scale, dtype) * d
   return traverse_util.unflatten_dict(flat)
+
+
+def apply_with_dropout(module, base_params: Any, lora_params: Any, scale: float, rate: float,
+                       rng: jax.Array, *args) -> jax.Array:
+  """`module.apply` with the adapters as a separate branch, peft's LoRA forward with dropout:
+  y = x W + b + scale * dropout(x) A B on every adapted Dense / Conv (A a conv with the base
+  kernel's size, strides and padding, B 1x1), through `nn.intercept_methods`, so the model
+  definitions stay as they are. Used only when `lora.dropout > 0` (dropout on the branch's input
+  has no merged form); each module draws its mask from fold_in(rng, crc32(path))."""
+  import flax.linen as nn
+
+  flat = traverse_util.flatten_dict(meta.unbox(lora_params))
+  by_module = {p[:-1]: (flat[p[:-1] + ("lora_A",)], flat[p[:-1] + ("lora_B",)]) for p in flat}
+
+  def interceptor(next_fun, call_args, call_kwargs, context):
+    out = next_fun(*call_args, **call_kwargs)
+    m = context.module
+    if context.method_name != "__call__" or not isinstance(m, (nn.Dense, nn.Conv)):
+      return out
+    ab = by_module.get(tuple(m.path))
+    if ab is None:
+      return out
+    a, b = ab
+    x = call_args[0]
+    key = jax.random.fold_in(rng, zlib.crc32(module_key(m.path).encode()))
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    dtype = m.dtype or x.dtype
+    x = jnp.where(keep, x / (1.0 - rate), 0.0).astype(dtype)
+    if a.ndim == 2:
+      h = (x @ a.astype(dtype)) @ b.astype(dtype)
+    else:
+      h = jax.lax.conv_general_dilated(x, a.astype(dtype), m.strides, m.padding,
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      h = h @ b[0, 0].astype(dtype)
+    return out + jnp.asarray(scale, dtype) * h.astype(out.dtype)
+
+  with nn.intercept_methods(interceptor):
+    return module.apply({"params": base_params}, *args)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from scdpo_jax.lora import adapters, io as lora_io
@@ -21,14 +22,26 @@ from scdpo_jax.models import unet_io
 from scdpo_jax.train.step import StepConfig, make_train_step
 
 
+DROPOUT_SALT = 0x10AD  # the dropout key is fold_in(fold_in(state.rng, step), DROPOUT_SALT)
+
+
 def make_lora_train_step(*, policy, reference, optimizer, schedule, cfg: StepConfig,
-                         scale: float):
+                         scale: float, dropout: float = 0.0):
   """`train_step(state, base_params, batch, empty_states) -> (state, metrics)` (not jitted), with
-  `state.params` the LoRA tree and `base_params` the frozen base (also the DPO reference)."""
+  `state.params` the LoRA tree and `base_params` the frozen base (also the DPO reference).
+
+  dropout 0: the policy is the UNet on `merge(base, lora)`. dropout > 0: peft's forward with
+  dropout on the LoRA branch's input (`adapters.apply_with_dropout`); the masks are drawn per
+  step (the same key for every micro-batch of a step, so with grad_accum > 1 the run is not
+  the one-big-batch run exactly, unlike dropout 0)."""
   cfg.validate()
 
   def train_step(state, base_params, batch, empty_states):
     def apply_fn(variables, *args):
+      if dropout > 0:
+        key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), DROPOUT_SALT)
+        return adapters.apply_with_dropout(policy, base_params, variables["params"], scale,
+                                           dropout, key, *args)
       return policy.apply({"params": adapters.merge(base_params, variables["params"], scale)},
                           *args)
 
@@ -55,5 +68,4 @@ def export(export_dir: str | Path, base_folder: str | Path, unet_config, lora_pa
 
 
 def _host(tree: Any) -> Any:
-  import jax
   return jax.tree.map(np.asarray, jax.device_get(tree))

@@ -237,9 +237,10 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
   example = source.batch(start, t.pairs_per_step)
   if lora_adapters.enabled(config):  # policy = merge(base, adapters); reference = the base
     from scdpo_jax.lora import train as lora_train
+    lora_spec = lora_adapters.spec_from_config(config.lora)
     train_step = lora_train.make_lora_train_step(
         policy=policy, reference=reference, optimizer=optimizer, schedule=sd.schedule,
-        cfg=state_lib.step_config(t), scale=lora_adapters.spec_from_config(config.lora).scale)
+        cfg=state_lib.step_config(t), scale=lora_spec.scale, dropout=lora_spec.dropout)
   else:
     train_step = make_train_step(apply_fn=policy.apply, ref_apply_fn=reference.apply,
                                  optimizer=optimizer, schedule=sd.schedule,
