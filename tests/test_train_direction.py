@@ -54,14 +54,19 @@ def _pairs():
   }
 
 
-@pytest.fixture(scope="module")
-def runs():
+def _model_and_schedule():
   module = UNet2DConditionModel(UNetConfig.from_dict(UNET))
   params = jax.jit(module.init)(
       jax.random.key(0), *[jnp.zeros(s.shape, s.dtype) for s in module.dummy_inputs()])["params"]
   schedule = sch.schedule_from_config(dict(
       num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
       beta_schedule="scaled_linear"))
+  return module, params, schedule
+
+
+@pytest.fixture(scope="module")
+def runs():
+  module, params, schedule = _model_and_schedule()
   cfg = step_lib.StepConfig(beta=BETA, safety_mode="margin", caption_dropout=0.0)
   kw = dict(apply_fn=module.apply, ref_apply_fn=module.apply, schedule=schedule, cfg=cfg)
   optimizer = optax.adam(LR)
@@ -121,12 +126,7 @@ def test_cost_margin_moves_harmful_pairs_more_than_clean_ones(runs):
 def test_offset_margin_form_moves_harmful_pairs_more_than_clean_ones(runs):
   """train.margin_form="offset" (z - lambda (C_l - C_w), SafeDPO-style): the policy must beat the
   cost gap, so the harmful pairs move more than under plain DPO and more than the clean ones."""
-  module = UNet2DConditionModel(UNetConfig.from_dict(UNET))
-  params = jax.jit(module.init)(
-      jax.random.key(0), *[jnp.zeros(s.shape, s.dtype) for s in module.dummy_inputs()])["params"]
-  schedule = sch.schedule_from_config(dict(
-      num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-      beta_schedule="scaled_linear"))
+  module, params, schedule = _model_and_schedule()
   batch = _pairs()
   empty = np.zeros((1, SEQ, DIM), np.float32)
   optimizer = optax.adam(LR)

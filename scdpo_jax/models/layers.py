@@ -167,29 +167,22 @@ def conv(features: int, kernel_size: int = 3, *, stride: int = 1,
   )
 
 
+def _norm_inits() -> dict:
+  """Scale 1, bias 0, both with the logical axis `norm` (the torch defaults)."""
+  return {"scale_init": nn.with_logical_partitioning(nn.initializers.ones_init(), (A.NORM,)),
+          "bias_init": nn.with_logical_partitioning(nn.initializers.zeros_init(), (A.NORM,))}
+
+
 def group_norm(num_groups: int, epsilon: float, *, dtype: Dtype, param_dtype: Dtype,
                name: str) -> nn.GroupNorm:
   """GroupNorm over the channel (last) axis; statistics are computed in at least fp32."""
-  return nn.GroupNorm(
-      num_groups=num_groups,
-      epsilon=epsilon,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (A.NORM,)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (A.NORM,)),
-      name=name,
-  )
+  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype,
+                      param_dtype=param_dtype, name=name, **_norm_inits())
 
 
 def layer_norm(epsilon: float, *, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(
-      epsilon=epsilon,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (A.NORM,)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (A.NORM,)),
-      name=name,
-  )
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
+                      **_norm_inits())
 
 
 def embed(num_embeddings: int, features: int, *, dtype: Dtype, param_dtype: Dtype,
