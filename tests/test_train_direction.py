@@ -114,7 +114,8 @@ def test_dpo_raises_implicit_accuracy_and_winner_likelihood(runs):
     "losses.cost_margin adds +lambda*(C_l - C_w) to z: a pair with a costly loser is treated as "
     "already explained by its cost and gets a smaller gradient weight sigmoid(-z), so harmful "
     "pairs move LESS than clean ones (the safety-promoting SafeDPO-style margin is "
-    "-lambda*(C_l - C_w)); reported to the lead, see tests/test_train_direction.py"))
+    "-lambda*(C_l - C_w), train.margin_form='offset', tested below); the default stays 'bonus' "
+    "until the ShapeWorld study is rerun with 'offset' (README, Training)"))
 def test_cost_margin_moves_harmful_pairs_more_than_clean_ones(runs):
   h = runs["harmful"]
   dz = runs["margin"]["z"] - runs["dpo"]["z"]  # what the margin changes, per pair
