@@ -196,6 +196,9 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
       dtype=jnp.float32, param_dtype=jnp.float32)
   source = pair_source if pair_source is not None else make_pair_source(config, sd)
 
+  step_cfg = state_lib.step_config(t)
+  lora_spec = (lora_adapters.spec_from_config(config.lora) if lora_adapters.enabled(config)
+               else None)
   policy, reference = state_lib.make_unets(config.model, sd.unet.config)
   optimizer = optim.make_optimizer(config.optimizer, t.num_steps, t.pairs_per_step)
   spec = state_lib.train_state_spec(config, mesh, policy, reference, optimizer)
@@ -215,10 +218,9 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
     state, ckpt_meta, fallbacks = restored
     logging.info("resumed from step %d (data position %d pairs)", ckpt_meta["step"],
                  ckpt_meta["data_position"])
-  elif lora_adapters.enabled(config):  # LoRA: fresh adapters (B = 0) on the frozen base
+  elif lora_spec is not None:  # LoRA: fresh adapters (B = 0) on the frozen base
     state = state_lib.init_train_state(spec, optimizer, lora_adapters.init_lora(
-        spec.abstract_state.params, lora_adapters.spec_from_config(config.lora), config.seed),
-        config)
+        spec.abstract_state.params, lora_spec, config.seed), config)
   else:
     state = state_lib.init_train_state(spec, optimizer, sd.unet_params, config)
   ref_params = state_lib.reference_params(spec, sd.unet_params)
@@ -235,16 +237,14 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
     result.update(already_finished=True, preempted=False, state=state)
     return result
   example = source.batch(start, t.pairs_per_step)
-  if lora_adapters.enabled(config):  # policy = merge(base, adapters); reference = the base
+  if lora_spec is not None:  # policy = merge(base, adapters); reference = the base
     from scdpo_jax.lora import train as lora_train
-    lora_spec = lora_adapters.spec_from_config(config.lora)
     train_step = lora_train.make_lora_train_step(
         policy=policy, reference=reference, optimizer=optimizer, schedule=sd.schedule,
-        cfg=state_lib.step_config(t), scale=lora_spec.scale, dropout=lora_spec.dropout)
+        cfg=step_cfg, scale=lora_spec.scale, dropout=lora_spec.dropout)
   else:
     train_step = make_train_step(apply_fn=policy.apply, ref_apply_fn=reference.apply,
-                                 optimizer=optimizer, schedule=sd.schedule,
-                                 cfg=state_lib.step_config(t))
+                                 optimizer=optimizer, schedule=sd.schedule, cfg=step_cfg)
   step_program = state_lib.compile_train_step(mesh, spec, train_step,
                                               {k: example[k] for k in PAIR_KEYS}, empty_states)
   compile_s = step_program.compile_s
@@ -303,10 +303,9 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
   if config.train.export_at_end and step == t.num_steps:
     from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(state.params, tiled=True)  # collective
-    if jax.process_index() == 0 and lora_adapters.enabled(config):
+    if jax.process_index() == 0 and lora_spec is not None:
       from scdpo_jax.lora import train as lora_train
-      lora_train.export(workdir / "export", folder, policy.config, params,
-                        lora_adapters.spec_from_config(config.lora))
+      lora_train.export(workdir / "export", folder, policy.config, params, lora_spec)
       logging.info("exported the LoRA (diffusers format) to %s and the base with it fused to %s",
                    workdir / "export/lora", workdir / "export/unet")
     elif jax.process_index() == 0:
