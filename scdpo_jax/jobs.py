@@ -25,6 +25,8 @@ JOBS = {
     "eval": "scdpo_jax.evaluation.job:run",
     "cost_model": "scdpo_jax.cost_model.job:run",
     "shapeworld": "scdpo_jax.shapeworld.study:run",
+    "safediffusion_r1": "scdpo_jax.grpo.job:run",
+    "safetydpo": "scdpo_jax.lora.safetydpo:run",
 }
 
 

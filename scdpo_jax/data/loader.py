@@ -25,10 +25,15 @@ is then decoded and encoded on the fly (correct, but slower than caching once).
 Unknown rewards/costs (NaN in the dataset): with `nan_cost="zero"` (the default, as batch.py
 specifies) they become 0 (no cost margin for that pair) and the first batch holding one logs a
 warning; `nan_cost="error"` refuses them (`data.nan_cost` in the trainer's config).
+
+Subsets: `PairLoader(..., records=ids)` (or `loader.subset(positions, label)`) reads only those
+records, as if the dataset held just them in that order (SafetyDPO's per-category experts,
+`lora/safetydpo.py`); `record_categories()` gives each record's `category` field.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -57,7 +62,8 @@ class PairLoader:
   def __init__(self, path: str | Path, *, split: str = "train", seed: int = 0,
                shuffle: bool = True, hflip: bool = False, encoder: Any = None,
                process_index: int | None = None, process_count: int | None = None,
-               read_threads: int = 4, prefetch_batches: int = 2, nan_cost: str = "zero"):
+               read_threads: int = 4, prefetch_batches: int = 2, nan_cost: str = "zero",
+               records: Sequence[int] | None = None, label: str = ""):
     import jax
 
     if nan_cost not in NAN_COST_POLICIES:
@@ -71,6 +77,18 @@ class PairLoader:
     self.num_pairs = len(self.source)
     if self.num_pairs == 0:
       raise ValueError(f"{self.dataset_info.path} split {split!r} is empty")
+    self.records = None if records is None else np.asarray(records, np.int64)
+    self.label = label
+    if self.records is not None:
+      if self.records.size == 0:
+        raise ValueError(f"subset {label!r} of {self.dataset_info.path} holds no records")
+      if self.records.min() < 0 or self.records.max() >= self.num_pairs:
+        raise ValueError(f"subset {label!r}: record ids outside [0, {self.num_pairs})")
+      self.num_pairs = int(self.records.size)
+    self._kwargs = dict(path=path, split=split, seed=seed, shuffle=shuffle, hflip=hflip,
+                        encoder=encoder, process_index=process_index,
+                        process_count=process_count, read_threads=read_threads,
+                        prefetch_batches=prefetch_batches, nan_cost=nan_cost)
     if not self.schema.has_latents and encoder is None:
       raise ValueError(
           f"{self.dataset_info.path} holds images, not latents. The trainer needs latents: cache "
@@ -89,8 +107,37 @@ class PairLoader:
   def identity(self) -> dict[str, Any]:
     """What identifies the data (recorded in the trainer's resume fingerprint)."""
     info = Path(self.dataset_info.path) / "dataset_info.json"
-    return {"path": str(Path(self.dataset_info.path).resolve()), "num_pairs": self.num_pairs,
-            "dataset_info": files.file_identity(info) if info.is_file() else "missing"}
+    out = {"path": str(Path(self.dataset_info.path).resolve()), "num_pairs": self.num_pairs,
+           "dataset_info": files.file_identity(info) if info.is_file() else "missing"}
+    if self.records is not None:
+      out.update(subset=self.label, subset_sha1=hashlib.sha1(self.records.tobytes()).hexdigest())
+    return out
+
+  # -- subsets and categories ----------------------------------------------------------------
+
+  def record_ids(self, positions) -> np.ndarray:
+    """Dataset record ids of positions 0 .. num_pairs - 1 of this source."""
+    pos = np.asarray(positions, np.int64)
+    return pos if self.records is None else self.records[pos]
+
+  def record_categories(self, chunk: int = 256) -> np.ndarray:
+    """The `category` field of every record of this source (object array of str)."""
+    ids = self.record_ids(np.arange(self.num_pairs))
+    out = []
+    for lo in range(0, ids.size, chunk):
+      out += [tfds_pairs.text(r["category"])
+              for r in self.source.__getitems__([int(i) for i in ids[lo:lo + chunk]])]
+    return np.asarray(out, dtype=object)
+
+  def records_batch(self, positions) -> dict[str, np.ndarray]:
+    """The records at `positions` in that order (no shuffle, no flip, every process the same)."""
+    ids = self.record_ids(positions)
+    return self._collate({"records": self.source.__getitems__([int(i) for i in ids]),
+                          "indices": ids, "flips": np.zeros((ids.size,), bool)})
+
+  def subset(self, positions, label: str = "") -> "PairLoader":
+    """A loader over the records at `positions` of this one (same seed, flips and options)."""
+    return PairLoader(**self._kwargs, records=self.record_ids(positions), label=label)
 
   # -- index arithmetic ----------------------------------------------------------------------
 
@@ -104,7 +151,7 @@ class PairLoader:
   def indices(self, step: int, global_batch: int) -> np.ndarray:
     """Record indices of this process's rows of global batch `step`."""
     idx = step_indices(int(step), global_batch, self.num_pairs, self.seed, self.shuffle)
-    return idx[self._rows(global_batch)]
+    return self.record_ids(idx[self._rows(global_batch)])
 
   def flips(self, step: int, global_batch: int) -> np.ndarray:
     """Per-row flip decisions (before `hflip_ok`) for this process's rows of `step`."""

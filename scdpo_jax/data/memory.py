@@ -1,8 +1,14 @@
-"""An in-memory pair source: step-indexed, seeded shuffling per epoch, per-process slicing."""
+"""An in-memory pair source: step-indexed, seeded shuffling per epoch, per-process slicing.
+
+Optional per-pair harm categories (`categories`, strings; "" = none) ride along outside the batch
+keys: `record_categories()` returns them and `subset(indices)` makes a pair source over some of
+the records (SafetyDPO's per-category experts, `lora/safetydpo.py`), whose `identity()` names the
+subset for the trainer's resume fingerprint."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import jax
 import numpy as np
@@ -38,9 +44,15 @@ class InMemoryPairs:
   """Pairs held as NumPy arrays (see `batch.py` for the keys)."""
 
   def __init__(self, arrays: dict[str, np.ndarray], seed: int = 0, shuffle: bool = True,
-               hflip: bool = False):
+               hflip: bool = False, categories=None):
     arrays = dict(arrays)
     n = arrays["latents_w"].shape[0]
+    if categories is not None:
+      categories = np.asarray([str(c) for c in categories], dtype=object)
+      if categories.shape != (n,):
+        raise ValueError(f"categories: {categories.shape[0]} entries for {n} pairs")
+    self.categories = categories
+    self._identity: dict = {}
     for k in FLOAT_KEYS:
       arrays.setdefault(k, np.zeros((n,), np.float32))
     arrays = {k: np.asarray(arrays[k]) for k in PAIR_KEYS}
@@ -62,3 +74,31 @@ class InMemoryPairs:
       for k in ("latents_w", "latents_l"):
         out[k] = np.where(flip[:, None, None, None], out[k][:, :, ::-1], out[k])
     return out
+
+  def record_categories(self) -> np.ndarray:
+    """The category of every pair (object array of str; "" = none)."""
+    if self.categories is None:
+      raise ValueError("these in-memory pairs carry no categories (InMemoryPairs(categories=...))")
+    return self.categories
+
+  def records_batch(self, indices) -> dict[str, np.ndarray]:
+    """The given records in that order (no shuffle, no flip, every process the same)."""
+    idx = np.asarray(indices, np.int64)
+    return {k: v[idx] for k, v in self.arrays.items()}
+
+  def subset(self, indices, label: str = "") -> "InMemoryPairs":
+    """A pair source over records `indices` (in that order before shuffling), same seed and
+    flips; its `identity()` records `label` and a hash of the indices."""
+    idx = np.asarray(indices, np.int64)
+    if idx.size == 0:
+      raise ValueError(f"subset {label!r} holds no pairs")
+    out = InMemoryPairs(self.records_batch(idx), seed=self.seed, shuffle=self.shuffle,
+                        hflip=self.hflip,
+                        categories=None if self.categories is None else self.categories[idx])
+    out._identity = {"subset": label, "subset_pairs": int(idx.size),
+                     "subset_sha1": hashlib.sha1(idx.tobytes()).hexdigest()}
+    return out
+
+  def identity(self) -> dict:
+    """What identifies the data beyond the config (a subset's label and records; else {})."""
+    return dict(self._identity)

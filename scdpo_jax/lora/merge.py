@@ -32,8 +32,16 @@ MODES = ("dense", "svd")
 
 def input_abs_means(module, base_params: Any, modules: Sequence[tuple[str, ...]], *args) -> dict:
   """{module path: mean |x| per input channel} of the inputs the listed Dense / Conv modules
-  see when `module` runs on `args` with `base_params` (one jitted call; sum over calls with a
-  weighted mean for several calibration batches)."""
+  see when `module` runs on `args` with `base_params` (one jitted call; `input_abs_means_batches`
+  for several calibration batches)."""
+  return input_abs_means_batches(module, base_params, modules, [args])
+
+
+def input_abs_means_batches(module, base_params: Any, modules: Sequence[tuple[str, ...]],
+                            batches) -> dict:
+  """`input_abs_means` over several batches (each a tuple of `module`'s arguments), compiled
+  once per batch shape: the mean over every position of every batch (batches weighted by their
+  number of positions, so the result does not depend on how the inputs are batched)."""
   import flax.linen as nn
 
   wanted = {tuple(m) for m in modules}
@@ -45,16 +53,27 @@ def input_abs_means(module, base_params: Any, modules: Sequence[tuple[str, ...]]
       m = context.module
       if (context.method_name == "__call__" and isinstance(m, (nn.Dense, nn.Conv))
           and tuple(m.path) in wanted):
-        x = jnp.abs(call_args[0].astype(jnp.float32))
-        store[tuple(m.path)] = jnp.mean(x.reshape(-1, x.shape[-1]), axis=0)
+        x = jnp.abs(call_args[0].astype(jnp.float32)).reshape(-1, call_args[0].shape[-1])
+        store[tuple(m.path)] = (jnp.sum(x, axis=0), jnp.asarray(x.shape[0], jnp.float32))
       return next_fun(*call_args, **call_kwargs)
 
     with nn.intercept_methods(interceptor):
       module.apply({"params": params}, *inputs)
     return store
 
-  out = jax.jit(run)(base_params, *args)
-  return {k: np.asarray(v) for k, v in out.items()}
+  fn = jax.jit(run)
+  sums: dict = {}
+  for args in batches:
+    for k, (s, n) in jax.device_get(fn(base_params, *args)).items():
+      prev = sums.get(k)
+      sums[k] = (np.asarray(s, np.float64) + (prev[0] if prev else 0.0),
+                 float(n) + (prev[1] if prev else 0.0))
+  if not sums:
+    raise ValueError("input_abs_means: no calibration batch, or none of the modules ran")
+  missing = sorted("/".join(m) for m in wanted - set(sums))
+  if missing:
+    raise ValueError(f"input_abs_means: modules never called by the model: {missing[:5]}")
+  return {k: (s / n).astype(np.float32) for k, (s, n) in sums.items()}
 
 
 def _deltas(lora: Any, scale: float) -> dict:
@@ -89,18 +108,22 @@ def _output(deltas: dict, mode: str, rank: int | None):
 def refactorise(deltas: dict, rank: int) -> dict:
   """A LoRA tree (scale 1) of rank `rank` whose A @ B is the best rank-`rank` approximation
   (truncated SVD) of each dense delta. Conv deltas (kh, kw, in, out) are factorised as the
-  (kh*kw*in, out) matrix, so A is a (kh, kw, in, r) conv and B a 1x1 conv, as peft's."""
+  (kh*kw*in, out) matrix, so A is a (kh, kw, in, r) conv and B a 1x1 conv, as peft's. Every
+  module gets exactly `rank` columns (one rank for the whole LoRA file): where `rank` exceeds
+  min(rows, out) the extra columns of A and rows of B are zeros (exact, A @ B unchanged)."""
   out = {}
   for module, d in deltas.items():
     mat = d.reshape(-1, d.shape[-1]).astype(np.float64)
     u, s, vt = np.linalg.svd(mat, full_matrices=False)
     r = min(rank, s.shape[0])
     root = np.sqrt(s[:r])
-    a = (u[:, :r] * root).astype(np.float32)
-    b = (root[:, None] * vt[:r]).astype(np.float32)
+    a = np.zeros((mat.shape[0], rank), np.float32)
+    b = np.zeros((rank, mat.shape[1]), np.float32)
+    a[:, :r] = u[:, :r] * root
+    b[:r] = root[:, None] * vt[:r]
     if d.ndim == 4:
-      a = a.reshape(d.shape[:3] + (r,))
-      b = b.reshape(1, 1, r, d.shape[-1])
+      a = a.reshape(d.shape[:3] + (rank,))
+      b = b.reshape(1, 1, rank, d.shape[-1])
     out[module + ("lora_A",)] = a
     out[module + ("lora_B",)] = b
   return traverse_util.unflatten_dict(out)
