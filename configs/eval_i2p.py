@@ -24,7 +24,8 @@ reported in summary.md, the other metrics still run. Baselines: `--config.sampli
 Latent Diffusion, diffusers' presets sld_weak / sld_medium / sld_strong / sld_max; with
 `guard.negative_prompting=standard` the negative prompt is SLD's anchor) or `safree_nudity` /
 `safree_violence` (SAFREE; its concept phrases are the negative prompt; the official runs use
-`--config.sampling.sampler=dpmsolver++`). Resumable:
+`--config.sampling.sampler=dpmsolver++`; `--config.sampling.guard.safree_lra=low` runs the
+intended latent re-attention filter the released script leaves off). Resumable:
 rerun the same command to continue an interrupted run.
 """
 
@@ -92,6 +93,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.sampling.guard.loss_scale = 0.0  # TraSCE s_l (0 = no loss guidance)
   config.sampling.guard.loss_step = 1.0  # TraSCE s_g
   config.sampling.guard.loss_sigma = 2.0  # TraSCE sigma
+  # SAFREE presets: latent re-attention "" (= the preset's "released", the official script's
+  # no-op) | "off" | "released" | "low" (the intended Fourier filter on the up-block skip
+  # features whose backbone has safree_lra_channels channels: SD's 1280 / 640)
+  config.sampling.guard.safree_lra = ""
+  config.sampling.guard.safree_lra_channels = (1280, 640)
 
   config.metrics = ml_collections.ConfigDict()
   config.metrics.names = ("nudenet", "cost_model", "clip_score", "q16")

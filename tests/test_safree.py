@@ -1,9 +1,11 @@
 """SAFREE: each step against a NumPy transcription of the official code
 (`jaehong31/SAFREE@b8b2c3f`, models/modified_stable_diffusion_pipeline.py: `projection_matrix`,
 `safree_projection`, `projection_and_orthogonal` + the svf cosine, `f_beta`,
-`_masked_encode_prompt`), and the whole guard end to end on the tiny pipeline against a PyTorch
-port of the official sampling loop (DPM-Solver++, the concept phrases as negative prompt,
-filtered states on the steps i <= t').
+`_masked_encode_prompt`; free_lunch_utils.py: `SafeGuard_Low_Fourier_filter` and the
+`safree='low'` up-block hook), and the whole guard end to end on the tiny pipeline against a
+PyTorch port of the official sampling loop (DPM-Solver++, the concept phrases as negative prompt,
+filtered states on the steps i <= t'; for latent re-attention 'low' the 3-branch batch with the
+hook on the diffusers UNet's up-block resnets).
 """
 
 import math
@@ -56,6 +58,20 @@ def np_beta(text_e, ms, cs, attn_mask):
   cos = np.sum(p * e, -1) / np.maximum(np.linalg.norm(p, axis=-1) * np.linalg.norm(e, axis=-1),
                                        1e-8)
   return 1.0 - cos.mean()
+
+
+def np_low_fourier_filter(x, threshold, scale):
+  """`SafeGuard_Low_Fourier_filter` on one prompt's UNet batch x (3, C, H, W) = [uncond,
+  filtered, original]: float32 FFTs, branch 1's centred window coefficients kept where
+  Re(F_2 - F_1) > 0, else replaced by the real `scale`; every branch goes back through ifft."""
+  f = np.fft.fftshift(np.fft.fftn(x.astype(np.float32), axes=(-2, -1)), axes=(-2, -1))
+  f = f.astype(np.complex64)
+  cr, cc = f.shape[-2] // 2, f.shape[-1] // 2
+  rows, cols = slice(cr - threshold, cr + threshold), slice(cc - threshold, cc + threshold)
+  low = f[..., rows, cols].copy()
+  f[1, :, rows, cols] = np.where((low[2] - low[1]).real > 0.0, low[1], scale)
+  out = np.fft.ifftn(np.fft.ifftshift(f, axes=(-2, -1)), axes=(-2, -1)).real
+  return out.astype(x.dtype)
 
 
 def np_f_beta(z, upperbound_timestep=10, k=2.5, t=5.333):
@@ -131,6 +147,81 @@ def test_f_beta_matches_official():
                                        for b in betas])
 
 
+@pytest.mark.parametrize("hw", [(4, 4), (8, 8), (5, 6), (2, 2)])
+def test_low_fourier_filter_matches_official(hw):
+  rng = np.random.default_rng(hw[0] * 10 + hw[1])
+  b, c = 2, 3
+  x = rng.standard_normal((b, 3, c) + hw).astype(np.float32)  # NCHW per prompt triple
+  x[1, 2] = x[1, 1]  # prompt 1: an unfiltered step (current == original)
+  ours = np.asarray(safree.low_fourier_filter(jnp.asarray(x.transpose(0, 1, 3, 4, 2)), 0.9))
+  expected = np.stack([np_low_filter_nchw(x[i], 0.9) for i in range(b)])
+  np.testing.assert_allclose(ours.transpose(0, 1, 4, 2, 3), expected, atol=2e-6)
+  np.testing.assert_array_equal(ours[:, [0, 2]], x[:, [0, 2]].transpose(0, 1, 3, 4, 2))
+  assert np.abs(ours[:, 1] - x[:, 1].transpose(0, 2, 3, 1)).max() > 1e-2  # it did something
+
+
+def np_low_filter_nchw(x, scale):
+  return np_low_fourier_filter(x, safree.LRA_THRESHOLD, scale)
+
+
+def test_unet_skip_transform_hook():
+  """The hook sees (backbone, skip) in diffusers' up-block order (the tiny UNet: up_blocks_0 =
+  UpBlock2D(64) over skips 64, 32; up_blocks_1 = CrossAttnUpBlock2D(32) fed 64 then 32 channels,
+  over skips 32, 32), at trace time (shapes only; the values are checked end to end against the
+  diffusers UNet with the official hook in test_safree_guard_matches_official_loop)."""
+  from configs.default import tiny_pipeline_config
+  from scdpo_jax.models import layers, unet, unet_config
+
+  cfg = unet_config.UNetConfig.from_dict(tiny_pipeline_config().unet.to_dict())
+  model = unet.UNet2DConditionModel(cfg)
+  params = layers.abstract_params(model)
+  seen = []
+
+  def identity(hidden, skip):
+    seen.append((hidden.shape[-1], skip.shape[-1], hidden.shape[1]))
+    return hidden, skip
+
+  jax.eval_shape(lambda p, x, c: model.apply({"params": p}, x, jnp.asarray([10, 500]), c,
+                                             skip_transform=identity),
+                 params, jax.ShapeDtypeStruct((2, 8, 8, 4), jnp.float32),
+                 jax.ShapeDtypeStruct((2, 5, 32), jnp.float32))
+  assert seen == [(64, 64, 4), (64, 32, 4), (64, 32, 8), (32, 32, 8)]
+
+
+def test_lra_off_equals_released_and_config_checks():
+  """'released' is the published no-op: the same guided outputs as 'off' at every step; 'low'
+  refuses other branch layouts and UNets whose widths match no lra_channels."""
+  rng = np.random.default_rng(2)
+  b, t, d = 2, 6, 4
+  cond = guards.Conditioning(
+      prompt=jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32),
+      unconditional=jnp.zeros((b, t, d)), guidance_scale=jnp.asarray([7.5, 3.0]),
+      negative=jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32),
+      filtered=jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32),
+      filtered_until=jnp.asarray([1, 3], jnp.int32))
+  model = lambda x, tt, states: x * jnp.mean(states, axis=(1, 2))[:, None, None, None] + tt[
+      :, None, None, None] * 1e-3
+  x = jnp.asarray(rng.standard_normal((b, 4, 4, 2)), jnp.float32)
+  outs = {}
+  for lra in ("off", "released"):
+    g = guards.GuardConfig.make("standard", safree=safree.SafreeConfig(lra=lra))
+    den = guards.guided_denoiser(model, cond, g)
+    outs[lra] = [np.asarray(den.step(x, jnp.asarray(900), jnp.asarray(i), ())[0])
+                 for i in range(5)]
+  np.testing.assert_array_equal(np.stack(outs["off"]), np.stack(outs["released"]))
+  assert np.abs(outs["off"][0] - outs["off"][4]).max() > 1e-3  # the window matters
+  with pytest.raises(ValueError, match="no SLD, no TraSCE"):
+    guards.GuardConfig.make("trasce", loss_scale=1.0, safree=safree.SafreeConfig(lra="low"))
+  with pytest.raises(ValueError, match="two distinct"):
+    safree.SafreeConfig(lra="low", lra_channels=(64, 64)).check()
+  assert safree.lra_channels_for((320, 640, 1280, 1280)) == (1280, 640)
+  assert safree.lra_channels_for((320, 640, 1280)) == (1280, 640)
+  hook = safree.LowFrequencyReattention(safree.SafreeConfig(lra="low"))
+  hook(jnp.zeros((3, 4, 4, 64)), jnp.zeros((3, 4, 4, 32)))
+  with pytest.raises(ValueError, match=r"match no up-block backbone width .*\[64\]"):
+    hook.check()
+
+
 # ----------------------------------------------------------------------------- tiny pipeline
 
 
@@ -180,7 +271,42 @@ def test_masked_prompt_pooling_matches_official(tiny):
   np.testing.assert_allclose(np.asarray(pooled)[:len(p_emb)], p_emb, atol=1e-5)
 
 
-def _official_images(pipe, folder, t2i, negative, concepts, up_t, filtered=True):
+def _register_low_hook(unet, channels, b, s):
+  """The official `safree='low'` up-block hook (`register_free_(crossattn_)upblock2d`) as
+  forward pre-hooks on the diffusers UNet's up-block resnets: their input is
+  cat([hidden, skip]); the backbone width is diffusers' `resnet_in_channels` (the previous
+  block's width for resnet 0, the block's own after). Returns the hook handles."""
+  rev = list(reversed(unet.config.block_out_channels))
+  handles = []
+  for i, block in enumerate(unet.up_blocks):
+    prev = rev[max(i - 1, 0)]
+    for j, resnet in enumerate(block.resnets):
+      width = prev if j == 0 else rev[i]
+
+      def hook(module, args, width=width):
+        hidden, skip = args[0][:, :width].clone(), args[0][:, width:]
+        for c, b_, s_ in zip(channels, b, s):
+          if hidden.shape[1] == c:
+            hidden[:, :c // 2] = hidden[:, :c // 2] * b_
+            skip = torch.from_numpy(np_low_fourier_filter(skip.numpy(), 1, s_))
+        return (torch.cat([hidden, skip], dim=1),) + tuple(args[1:])
+
+      handles.append(resnet.register_forward_pre_hook(hook))
+  return handles
+
+
+def _official_images(pipe, folder, t2i, negative, concepts, up_t, filtered=True, low=None):
+  """The official loop; `low` = (channels, (b1, b2), (s1, s2)): `-lra` with the intended
+  'low' hook (UNet batch [negative, current, original], the third output discarded)."""
+  handles = _register_low_hook(pipe.unet, *low) if low is not None else []
+  try:
+    return _official_loop(pipe, folder, t2i, negative, concepts, up_t, filtered, low is not None)
+  finally:
+    for h in handles:
+      h.remove()
+
+
+def _official_loop(pipe, folder, t2i, negative, concepts, up_t, filtered, lra):
   keys = samplers.sample_keys(np.array(SEEDS), np.array(INDICES))
   x_start = np.asarray(samplers.initial_noise(keys, t2i.latent_shape))
   tok, te = pipe.tokenizer, pipe.text_encoder
@@ -198,9 +324,15 @@ def _official_images(pipe, folder, t2i, negative, concepts, up_t, filtered=True)
       latents = torch.from_numpy(nhwc_to_nchw(x_start[b:b + 1]).copy())
       for i, t in enumerate(scheduler.timesteps):
         emb = torch.from_numpy(merged if i <= last else text_e).float()[None]
-        pred = pipe.unet(torch.cat([latents] * 2), t,
-                         encoder_hidden_states=torch.cat([neg, emb])).sample
-        uncond, text = pred.chunk(2)
+        if lra:
+          original = torch.from_numpy(text_e).float()[None]
+          pred = pipe.unet(torch.cat([latents] * 3), t,
+                           encoder_hidden_states=torch.cat([neg, emb, original])).sample
+          uncond, text, _ = pred.chunk(3)
+        else:
+          pred = pipe.unet(torch.cat([latents] * 2), t,
+                           encoder_hidden_states=torch.cat([neg, emb])).sample
+          uncond, text = pred.chunk(2)
         latents = scheduler.step(uncond + GUIDANCE[b] * (text - uncond), t,
                                  latents).prev_sample
       image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
@@ -208,23 +340,35 @@ def _official_images(pipe, folder, t2i, negative, concepts, up_t, filtered=True)
   return np.concatenate(out), info
 
 
-@pytest.mark.parametrize("up_t", [10.0, 3.0])
-def test_safree_guard_matches_official_loop(tiny, up_t):
+LOW = ((64, 32), (1.2, 0.8), (0.9, 0.2))  # lra 'low' on the tiny UNet: channels, (b1, b2), (s1, s2)
+
+
+@pytest.mark.parametrize("up_t,lra", [(10.0, "released"), (3.0, "low")])
+def test_safree_guard_matches_official_loop(tiny, up_t, lra):
+  """The guard against the official loop: 'released' (up_t 10: t' = 10, all 5 steps filtered)
+  and the intended 'low' re-attention (up_t 3: steps 0-3 filtered; the official 3-branch loop
+  with the 'low' hook registered; b1/b2 off 1.0 so the backbone scaling is exercised too)."""
   pipe, sd, folder = tiny
-  guard = guards.safree_guard("nudity", up_t=up_t)
+  channels, b, s = LOW
+  assert safree.lra_channels_for(sd.unet.config.block_out_channels) == channels
+  low = dict(lra="low", lra_channels=channels, lra_b1=b[0], lra_b2=b[1], lra_s1=s[0],
+             lra_s2=s[1]) if lra == "low" else {}
+  guard = guards.safree_guard("nudity", up_t=up_t, **low)
   negative = guards.safree_negative_prompt("nudity")
   t2i = generate.TextToImage(sd, generate.SamplingSettings(
       sampler="dpmsolver++", num_steps=5, guard=guard), batch_size=2)
   ours = t2i(PROMPTS, SEEDS, INDICES, GUIDANCE, [negative] * 2) / 2 + 0.5
-  expected, info = _official_images(pipe, folder, t2i, negative, safree.NUDITY_CONCEPTS, up_t)
+  expected, info = _official_images(pipe, folder, t2i, negative, safree.NUDITY_CONCEPTS, up_t,
+                                    low=LOW if lra == "low" else None)
   err = np.abs(ours - expected).max()
-  # measured 4.6e-6 (up_t 10: t' = 10, all 5 steps filtered), 4.2e-6 (up_t 3: steps 0-3)
+  # measured 4.6e-6 (released, up_t 10), 4.6e-6 (low, up_t 3)
   assert err <= 1e-5, err
   assert any((rm == 0).any() for rm, _ in info)  # some prompt has trigger tokens
-  # SAFREE changed the images: the same loop without the filtered states differs
-  unfiltered, _ = _official_images(pipe, folder, t2i, negative, safree.NUDITY_CONCEPTS, up_t,
-                                   filtered=False)
-  assert np.abs(unfiltered - expected).max() > 1e-3
+  # SAFREE changed the images: the loop without the filtered states (released) or without the
+  # low filter (low) differs
+  other, _ = _official_images(pipe, folder, t2i, negative, safree.NUDITY_CONCEPTS, up_t,
+                              filtered=lra == "low")
+  assert np.abs(other - expected).max() > 1e-3
 
 
 def test_eval_config_selects_the_guard_presets():
@@ -244,11 +388,18 @@ def test_eval_config_selects_the_guard_presets():
   settings, negative = job._settings(config)
   assert settings.guard.negative_prompting == "standard" and negative == "blurry"
   assert settings.guard.sld == guards.sld_config("strong")
+  config.sampling.guard.preset = "safree_nudity"
+  config.sampling.guard.safree_lra = "low"
+  settings, _ = job._settings(config)
+  assert settings.guard.safree.lra == "low" and settings.guard.safree.lra_channels == (1280, 640)
+  config.sampling.guard.preset = "sld_weak"
+  with pytest.raises(ValueError, match="needs a SAFREE preset"):
+    job._settings(config)
 
 
 def test_safree_config_and_presets():
-  with pytest.raises(ValueError, match="not implemented"):
-    guards.GuardConfig.make("standard", safree=safree.SafreeConfig(lra="low"))
+  with pytest.raises(ValueError, match="lra='high'"):
+    guards.GuardConfig.make("standard", safree=safree.SafreeConfig(lra="high"))
   guard, negative = guards.guard_preset("safree_violence")
   assert guard.safree.concepts == safree.VIOLENCE_CONCEPTS and guard.negative_prompting == (
       "standard") and negative == ", ".join(safree.VIOLENCE_CONCEPTS)

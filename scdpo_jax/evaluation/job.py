@@ -141,6 +141,15 @@ def _settings(config):
       raise ValueError(f"sampling.guard.preset={gc.preset!r}; use one of {GUARD_PRESETS} or "
                        "'' (then negative_prompting / loss_* apply)")
     guard, preset_negative = guards.guard_preset(gc.preset, gc.negative_prompting)
+    if gc.safree_lra:
+      if guard.safree is None:
+        raise ValueError(f"sampling.guard.safree_lra={gc.safree_lra!r} needs a SAFREE preset "
+                         f"(safree_nudity / safree_violence), not {gc.preset!r}")
+      guard = guards.GuardConfig.make(guard.negative_prompting, safree=guard.safree.replace(
+          lra=gc.safree_lra, lra_channels=tuple(int(c) for c in gc.safree_lra_channels)))
+  elif gc.safree_lra:
+    raise ValueError("sampling.guard.safree_lra needs --config.sampling.guard.preset="
+                     "safree_nudity or safree_violence")
   else:
     guard = guards.GuardConfig.make(gc.negative_prompting, gc.loss_scale, gc.loss_step,
                                     gc.loss_sigma)

@@ -16,7 +16,7 @@ with no per-model table.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,11 @@ from scdpo_jax.models import layers, unet_config
 from scdpo_jax.models.layers import A
 
 REMAT_POLICIES = ("none", "block", "dots_saveable", "nothing_saveable")
+
+# skip_transform(hidden (B, H, W, C_h), skip (B, H, W, C_s)) -> (hidden, skip): applied in every
+# up-block resnet between popping the skip activation and concatenating it (FreeU's and SAFREE's
+# latent re-attention injection point).
+SkipTransform = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
@@ -264,10 +269,13 @@ class UpBlock2D(_BlockModule):
   add_upsample: bool = True
 
   @nn.compact
-  def __call__(self, x, skips, temb, context):
+  def __call__(self, x, skips, temb, context, skip_transform: Optional[SkipTransform] = None):
     skips = list(skips)
     for j in range(self.num_layers):
-      x = jnp.concatenate([x, skips.pop()], axis=-1)
+      skip = skips.pop()
+      if skip_transform is not None:
+        x, skip = skip_transform(x, skip)
+      x = jnp.concatenate([x, skip], axis=-1)
       x = self.resnet_cls(name=f"resnets_{j}", **self.resnet_kw)(x, temb)
       if self.with_attention:
         x = Transformer2DModel(heads=self.heads, num_layers=self.transformer_layers,
@@ -292,7 +300,8 @@ class UNet2DConditionModel(layers.Module):
 
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
-               added_cond_kwargs: Optional[Mapping[str, jax.Array]] = None) -> jax.Array:
+               added_cond_kwargs: Optional[Mapping[str, jax.Array]] = None,
+               skip_transform: Optional[SkipTransform] = None) -> jax.Array:
     cfg = self.config
     dt = self.dt
     channels, heads, tlayers = cfg.block_out_channels, cfg.heads_per_block, cfg.transformer_layers
@@ -337,7 +346,7 @@ class UNet2DConditionModel(layers.Module):
           channels=channels[n - 1 - i], num_layers=per_up, heads=heads[n - 1 - i],
           transformer_layers=tlayers[n - 1 - i],
           with_attention=block_type == "CrossAttnUpBlock2D", add_upsample=i < n - 1,
-          name=f"up_blocks_{i}", **block_kw)(x, block_skips, temb, context)
+          name=f"up_blocks_{i}", **block_kw)(x, block_skips, temb, context, skip_transform)
 
     x = layers.group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **dt)(x)
     x = layers.conv(cfg.out_channels, cfg.conv_out_kernel, name="conv_out", **dt)(nn.silu(x))

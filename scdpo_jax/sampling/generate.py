@@ -155,8 +155,8 @@ class TextToImage:
                                                         ids).pooler_output,
         tokenize=self._ids, eos_token_id=sd.tokenizer.eos_token_id)
 
-    def model(x, t, states):
-      return sd.unet.apply({"params": unet_params}, x, t, states)
+    def model(x, t, states, skip_transform=None):  # skip_transform: SAFREE lra "low"
+      return sd.unet.apply({"params": unet_params}, x, t, states, skip_transform=skip_transform)
 
     keys = samplers.sample_keys(seeds, image_indices)
     x_start = samplers.initial_noise(keys, self.latent_shape)

@@ -54,7 +54,10 @@ reject s_S <= 1 and apply the rule for every w, as our CFG.
 
 SAFREE (`GuardConfig.safree`, `scdpo_jax.sampling.safree`): the prompt states are replaced by
 the SAFREE-filtered states on the steps its self-validating filter selects; use it with
-negative prompting "standard" and the concept phrases as negative prompt (`safree_guard`).
+negative prompting "standard" and the concept phrases as negative prompt (`safree_guard`). With
+latent re-attention "low" the model call gets a third branch (the original prompt states) and
+the UNet's `skip_transform` hook (`safree.LowFrequencyReattention`); the model must then accept
+`model(x, t, states, skip_transform=...)`.
 
 Batch layout: the branches of one model call are interleaved sample-major, rows
 [b0 branch0, b0 branch1, ..., b1 branch0, ...] (stack on axis 1, reshape). This is the
@@ -164,6 +167,10 @@ class GuardConfig:
                          "diffusers; leave sld=None instead")
     if safree is not None:
       safree.check()
+      if safree.lra == "low" and (sld is not None or loss_scale > 0 or
+                                  negative_prompting == "trasce"):
+        raise ValueError("SAFREE lra='low' combines with negative_prompting 'none' or "
+                         "'standard' only (no SLD, no TraSCE)")
     return cls(loss_scale=float(loss_scale), loss_step=float(loss_step),
                loss_sigma=float(loss_sigma), sld=sld, safree=safree,
                negative_prompting=negative_prompting, loss_guidance=loss_scale > 0)
@@ -291,12 +298,12 @@ def split_branches(x: jax.Array, k: int) -> list[jax.Array]:
   return [x[:, j] for j in range(k)]
 
 
-def _call(model: ConditionalModel, x: jax.Array, t: jax.Array, states: list[jax.Array]
-          ) -> list[jax.Array]:
+def _call(model: ConditionalModel, x: jax.Array, t: jax.Array, states: list[jax.Array],
+          **model_kw) -> list[jax.Array]:
   """One model call on the interleaved batch of len(states) branches at the same x_t."""
   k = len(states)
   tb = jnp.full((x.shape[0] * k,), t, jnp.int32)
-  out = model(interleave(*([x] * k)), tb, interleave(*states))
+  out = model(interleave(*([x] * k)), tb, interleave(*states), **model_kw)
   return split_branches(out.astype(jnp.float32), k)
 
 
@@ -339,6 +346,14 @@ def guided_denoiser(model: ConditionalModel, cond: Conditioning, guard: GuardCon
 
   def branches(x, t, prompt_states):
     """(uncond, prompt, negative, safety) outputs (None: not computed) and the x_t to update."""
+    if guard.safree is not None and guard.safree.lra == "low":  # (anchor, current, original)
+      hook = safree_lib.LowFrequencyReattention(guard.safree)
+      anchor_states = cond.negative if mode == "standard" else cond.unconditional
+      anchor, prompt, _ = _call(model, x, t, [anchor_states, prompt_states, cond.prompt],
+                                skip_transform=hook)
+      hook.check()
+      return (None, prompt, anchor, None, x) if mode == "standard" else (
+          anchor, prompt, None, None, x)
     if not guard.loss_guidance:
       extra = [cond.safety] if sld is not None else []
       if mode == "none":

@@ -23,11 +23,30 @@ pooled (EOS-token, final-LayerNorm, unprojected) output `pool`:
 5. The concept phrases joined by ", " are the CFG negative prompt (the negative branch is not
    filtered): `guards.safree_guard` sets negative prompting "standard", the caller passes
    `negative_prompt(concepts)`.
-6. Latent re-attention (`-lra`): "released" is the published script, whose FreeU-style hook is
-   registered without its `safree=` argument and so passes the skip features through (its third
-   UNet branch is discarded): its images equal "off", and we do not spend the third UNet call.
-   The intended "low" Fourier filter on the 1280/640-channel up-block skip features needs a UNet
-   hook and is not implemented (rejected by name).
+6. Latent re-attention (`-lra`, `lra`): "released" is the published script, whose FreeU-style
+   hook is registered without its `safree=` argument and so passes the skip features through (its
+   third UNet branch is discarded): its images equal "off", and we do not spend the third UNet
+   call. "low" is the intended filter (`free_lunch_utils.SafeGuard_Low_Fourier_filter`, the
+   `safree='low'` branch of `register_free_(crossattn_)upblock2d`, threshold 1), [I] as the
+   released script never runs it: the UNet batch per prompt is [anchor (negative prompt or ""),
+   current states (filtered on the filtered steps), original prompt states]; CFG uses the first
+   two, the third only feeds the filter. In every up-block resnet whose *backbone* input (the
+   hidden states before the concatenation, as the official `hidden_states.shape[1]` test; not the
+   skip's width) has `lra_channels[0]` channels (SD's 1280) or `lra_channels[1]` (640), the
+   backbone's first half of channels is scaled by `lra_b1` / `lra_b2` (every branch; 1.0 in the
+   launcher's `--freeu_hyp 1.0-1.0-0.9-0.2`) and the skip activation s of the current branch is
+   replaced by s' (`low_fourier_filter`): with F = fftshift(fft2(.)) over (H, W) and the window
+   W = rows H//2-1 .. H//2, columns W//2-1 .. W//2 (the 2x2 block holding DC),
+   F(s')[w] = F(s)[w] if Re(F(s_orig)[w] - F(s)[w]) > 0 else `lra_s1` (0.9) / `lra_s2` (0.2) (a
+   real constant replacing the complex coefficient) for w in W, F(s') = F(s) elsewhere,
+   s' = Re(ifft2(ifftshift(F(s')))). On unfiltered steps the current and original branches
+   coincide, Re(delta) = 0 and the whole window is replaced (as the code would do). The anchor and
+   original branches keep their skip features exactly (the official code round-trips them
+   through float32 FFTs: ~1e-7). SD1.x/2.x/SDXL: `lra_channels` (1280, 640); other UNets (the
+   tiny test UNet, ShapeWorld) choose their own, e.g. `lra_channels_for(block_out_channels)`
+   (the two widest distinct widths, which is (1280, 640) for SD); channels that match no up-block
+   are an error at trace time. `low` is rejected with TraSCE loss guidance and SLD (another
+   branch layout).
 
 Numerics: the projections are computed from orthonormal bases (thin SVD of C and of M, singular
 values below max(D, K) * eps(float32) * s_max dropped - NumPy's `matrix_rank` rule), not by
@@ -47,7 +66,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-LRA_MODES = ("off", "released")
+LRA_MODES = ("off", "released", "low")
+LRA_THRESHOLD = 1  # half-side of the low-frequency window (the official threshold=1)
 
 # generate_safree.py, category "nudity" (the 17 phrases; also the negative prompt)
 NUDITY_CONCEPTS = (
@@ -79,19 +99,24 @@ class SafreeConfig:
   t0: float = 5.333
   window_start: float = -1.0
   window_end: float = 1001.0
+  lra_b1: float = 1.0
+  lra_b2: float = 1.0
+  lra_s1: float = 0.9
+  lra_s2: float = 0.2
   concepts: tuple[str, ...] = struct.field(pytree_node=False, default=NUDITY_CONCEPTS)
   svf: bool = struct.field(pytree_node=False, default=True)
   lra: str = struct.field(pytree_node=False, default="off")
+  lra_channels: tuple[int, int] = struct.field(pytree_node=False, default=(1280, 640))
 
   def check(self) -> "SafreeConfig":
-    if self.lra == "low":
-      raise ValueError("SAFREE lra='low' (the Fourier filter on the up-block skip features) "
-                       "needs a UNet skip-feature hook and is not implemented; use 'off' or "
-                       "'released' (the released script's no-op)")
     if self.lra not in LRA_MODES:
       raise ValueError(f"SAFREE lra={self.lra!r}; use one of {LRA_MODES}")
     if not self.concepts:
       raise ValueError("SAFREE needs at least one concept phrase")
+    if len(self.lra_channels) != 2 or len(set(self.lra_channels)) != 2 or not all(
+        isinstance(c, int) and c > 0 for c in self.lra_channels):
+      raise ValueError(f"SAFREE lra_channels={self.lra_channels!r}: expected two distinct positive "
+                       "ints (the backbone widths of the s1 and s2 stages, SD's (1280, 640))")
     return self
 
   def describe(self) -> dict:
@@ -101,15 +126,20 @@ class SafreeConfig:
       out.update(up_t=float(self.up_t), k=float(self.k), t0=float(self.t0))
     else:
       out.update(window=[float(self.window_start), float(self.window_end)])
+    if self.lra == "low":
+      out.update(lra_channels=list(self.lra_channels), lra_b1=float(self.lra_b1),
+                 lra_b2=float(self.lra_b2), lra_s1=float(self.lra_s1),
+                 lra_s2=float(self.lra_s2))
     return out
 
 
 def safree_preset(concept: str = "nudity", **overrides) -> SafreeConfig:
   """The SD1.4 nudity launcher's settings (`--safree -svf -lra`, alpha 0.01, up_t 10) for
-  `concept`; lra "released" as launched (numerically "off")."""
+  `concept`; lra "released" as launched (numerically "off"). `overrides` replace any field
+  (e.g. lra="low", lra_channels=...)."""
   if concept not in CONCEPTS:
     raise ValueError(f"no SAFREE preset for concept {concept!r}; use one of {tuple(CONCEPTS)}")
-  return SafreeConfig(concepts=CONCEPTS[concept], lra="released", **overrides).check()
+  return SafreeConfig(**{"concepts": CONCEPTS[concept], "lra": "released", **overrides}).check()
 
 
 # ----------------------------------------------------------------------------- the math
@@ -217,3 +247,69 @@ def use_filtered(cfg: SafreeConfig, step: jax.Array, last: jax.Array) -> jax.Arr
   """(B,) bool: step i is conditioned on the filtered states (window_start <= i <= last)."""
   start = -jnp.inf if cfg.svf else cfg.window_start
   return (step >= start) & (step <= last)
+
+
+# ----------------------------------------------------------------------------- latent re-attention
+
+
+def lra_channels_for(block_out_channels) -> tuple[int, int]:
+  """The two widest distinct up-block widths of a UNet: SD1.x/2.x/SDXL's (1280, 640)."""
+  widths = sorted({int(c) for c in block_out_channels}, reverse=True)
+  if len(widths) < 2:
+    raise ValueError(f"block_out_channels={tuple(block_out_channels)}: SAFREE's latent "
+                     "re-attention needs two distinct up-block widths")
+  return widths[0], widths[1]
+
+
+def low_fourier_filter(triples: jax.Array, scale, threshold: int = LRA_THRESHOLD) -> jax.Array:
+  """SAFREE's low-frequency filter on skip features `triples` (B, 3, H, W, C) (branches: anchor,
+  current, original; channels-last): branch 1 with its centred 2t x 2t window of
+  fftshift(fft2) coefficients kept where Re(F_2 - F_1) > 0 and set to `scale` elsewhere (module
+  docstring, step 6); branches 0 and 2 unchanged. Computed in float32, returned in the input
+  dtype."""
+  x = triples[:, 1].astype(jnp.float32)
+  ref = triples[:, 2].astype(jnp.float32)
+  freq = jnp.fft.fftshift(jnp.fft.fft2(x, axes=(1, 2)), axes=(1, 2))
+  ref_freq = jnp.fft.fftshift(jnp.fft.fft2(ref, axes=(1, 2)), axes=(1, 2))
+  h, w = x.shape[1:3]
+  rows = jnp.arange(h) - h // 2
+  cols = jnp.arange(w) - w // 2
+  window = ((rows >= -threshold) & (rows < threshold))[:, None] & (
+      (cols >= -threshold) & (cols < threshold))[None, :]
+  keep = jnp.real(ref_freq - freq) > 0
+  scale = jnp.asarray(scale, jnp.float32).astype(freq.dtype)
+  replaced = jnp.where(window[None, :, :, None] & ~keep, scale, freq)
+  filtered = jnp.real(jnp.fft.ifft2(jnp.fft.ifftshift(replaced, axes=(1, 2)), axes=(1, 2)))
+  return triples.at[:, 1].set(filtered.astype(triples.dtype))
+
+
+class LowFrequencyReattention:
+  """The UNet `skip_transform` of lra 'low' (module docstring, step 6) on a batch of interleaved
+  (anchor, current, original) rows (`guards.interleave`). `seen` collects the backbone widths of
+  the traced calls; `check()` raises when none matched `lra_channels`."""
+
+  def __init__(self, cfg: SafreeConfig):
+    self.cfg = cfg
+    self.seen: list[int] = []
+
+  def __call__(self, hidden: jax.Array, skip: jax.Array) -> tuple[jax.Array, jax.Array]:
+    width = hidden.shape[-1]
+    self.seen.append(int(width))
+    for channels, b, s in ((self.cfg.lra_channels[0], self.cfg.lra_b1, self.cfg.lra_s1),
+                           (self.cfg.lra_channels[1], self.cfg.lra_b2, self.cfg.lra_s2)):
+      if hidden.shape[-1] == channels:
+        half = channels // 2
+        hidden = hidden.at[..., :half].multiply(jnp.asarray(b, hidden.dtype))
+        triples = skip.reshape((-1, 3) + skip.shape[1:])
+        skip = low_fourier_filter(triples, s).reshape(skip.shape)
+    return hidden, skip
+
+  def check(self) -> None:
+    if not self.seen:
+      raise ValueError("SAFREE lra='low': the model never called its skip_transform (a UNet "
+                       "call without the skip-feature hook?)")
+    if not set(self.cfg.lra_channels) & set(self.seen):
+      raise ValueError(
+          f"SAFREE lra='low': lra_channels={self.cfg.lra_channels} match no up-block backbone "
+          f"width of this UNet (widths seen: {sorted(set(self.seen), reverse=True)}); set "
+          "SafreeConfig.lra_channels, e.g. safree.lra_channels_for(unet.block_out_channels)")
