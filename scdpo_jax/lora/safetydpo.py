@@ -300,14 +300,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     merged, report = merge_experts(trees, spec, means, m)
     report["calibration"] = calib
     if jax.process_index() == 0:
-      _clear(export)
-      if m.output == "dense":
-        fused = merge_lib.apply_deltas(base, merged)
-      else:
-        lora_io.save_lora(export / "lora", merged, rank=report["rank"],
-                          alpha=float(report["rank"]), init=spec.init)
-        fused = adapters.fuse(base, merged, 1.0)
-      unet_io.save_unet(export / "unet", unet_module.config, fused)
+      export_merge(export, unet_module.config, base, merged, m.output, report.get("rank"),
+                   spec.init)
   report["experts_detail"] = summaries
   if jax.process_index() == 0:
     files.write_json(workdir / "merge.json", report)
@@ -316,6 +310,25 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   logging.info("safetydpo: exported %s to %s", report.get("method"), export)
   result.update(merge=report, export=str(export), experts_params=trees)
   return result
+
+
+def export_merge(export: Path, unet_config, base: Any, merged: Any, output: str,
+                 rank: int | None, init: str = "gaussian") -> dict[str, Path]:
+  """Write the merge: "dense" deltas -> `export/unet` (base + dW); "svd" (a rank-`rank` LoRA
+  tree, scale 1) -> `export/lora` (alpha = rank) and `export/unet` (base + A @ B). A previous
+  export in `export` is removed first."""
+  from scdpo_jax.models import unet_io
+
+  _clear(export)
+  out = {}
+  if output == "dense":
+    fused = merge_lib.apply_deltas(base, merged)
+  else:
+    out["lora"] = lora_io.save_lora(export / "lora", merged, rank=int(rank), alpha=float(rank),
+                                    init=init)
+    fused = adapters.fuse(base, merged, 1.0)
+  out["unet"] = unet_io.save_unet(export / "unet", unet_config, fused)
+  return out
 
 
 def _clear(export: Path) -> None:
