@@ -141,22 +141,52 @@ def _weight_gradient_convolutions(text: str, rows: int) -> list[tuple[int, ...]]
   return out
 
 
+def _kernel_shaped_dots(text: str, rows: int, shapes) -> list[tuple[int, ...]]:
+  """Result shapes of the rank-2 dot_generals of a lowered program that have the shape of a
+  kernel in `shapes` or its transpose and do not carry the batch (`rows`): Dense kernel
+  gradients (JAX's transpose of x @ W gives dW or dW^T; forward and input-gradient dots output
+  activations (rows, ...))."""
+  wanted = {tuple(s) for s in shapes} | {tuple(s)[::-1] for s in shapes}
+  out = []
+  for line in text.splitlines():
+    if "stablehlo.dot_general" not in line:
+      continue
+    shape = tuple(int(d) for d in re.findall(r"-> tensor<([0-9x]+)x[a-z0-9]+>", line)[-1].split("x"))
+    if len(shape) == 2 and rows not in shape and shape in wanted:
+      out.append(shape)
+  return out
+
+
 def test_no_gradient_with_respect_to_the_base_in_the_lowered_step():
-  """The full fine-tune's program computes a kernel gradient for every conv of the UNet; the
-  LoRA step's only for the adapted convs (here proj_in / proj_out: their gradient feeds dA and
-  dB), none for a frozen one. (Dense kernels: the grad tree, above, holds only the adapters.)"""
+  """Convs: the full fine-tune's program computes a kernel gradient for every conv of the UNet;
+  the LoRA step's only for the adapted convs (here proj_in / proj_out: their gradient feeds dA
+  and dB), none for a frozen one. Dense kernels: the full program has one kernel-shaped
+  gradient dot per Dense kernel; the LoRA program none shaped like a frozen (not adapted) Dense
+  kernel (time embedding, time_emb_proj, feed-forward). An adapted kernel W' = W + s A B does get
+  a transient dL/dW' (its shape stays in the program), from which dA and dB are contracted."""
   config = _config()
   rows = 2 * config.train.pairs_per_step // config.train.grad_accum
   full_text, convs = _lowered_text(tiny_train_config(**{"model.pretrained": BASE}))
   lora_text, _ = _lowered_text(config)
-  adapted = [c for c in convs if c[-2] in ("proj_in", "proj_out")]
-  assert adapted and len(convs) > len(adapted)
+  _, base = unet_io.load_unet(Path(BASE) / "unet")
+  dense = {p[:-1]: v.shape for p, v in traverse_util.flatten_dict(base).items()
+           if p[-1] == "kernel" and v.ndim == 2}
+  patterns = adapters.spec_from_config(config.lora).patterns
+  adapted = {m for m in dense if any(re.fullmatch(q, "/".join(m)) for q in patterns)}
+  frozen_shapes = {dense[m] for m in dense if m not in adapted} - {
+      s for m in adapted for s in (dense[m], dense[m][::-1])}
+  assert adapted and len(frozen_shapes) >= 4  # the check below can tell frozen from adapted
+  assert len(_kernel_shaped_dots(full_text, rows, dense.values())) == len(dense)
+  assert len(_kernel_shaped_dots(full_text, rows, frozen_shapes)) >= len(dense) - len(adapted)
+  assert _kernel_shaped_dots(lora_text, rows, frozen_shapes) == []
+  adapted_convs = [c for c in convs if c[-2] in ("proj_in", "proj_out")]
+  assert adapted_convs and len(convs) > len(adapted_convs)
   n_full = len(_weight_gradient_convolutions(full_text, rows))
   n_lora = len(_weight_gradient_convolutions(lora_text, rows))
   assert n_full == len(convs), (n_full, len(convs))  # the counting works: one per kernel
-  assert n_lora == len(adapted), (n_lora, len(adapted))
+  assert n_lora == len(adapted_convs), (n_lora, len(adapted_convs))
   assert full_text.count("stablehlo.convolution") - lora_text.count("stablehlo.convolution") >= (
-      len(convs) - len(adapted))
+      len(convs) - len(adapted_convs))
 
 
 def test_lora_parameters_shard_by_their_logical_axes():
