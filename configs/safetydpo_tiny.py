@@ -1,6 +1,6 @@
 """SafetyDPO on the tiny random pipeline: per-category LoRA experts -> Co-Merge -> export (CPU).
 
-  python main.py --config configs/safetydpo_tiny.py --workdir runs/safetydpo_tiny   # ~2 min, 2-core CPU
+  python main.py --config configs/safetydpo_tiny.py --workdir runs/safetydpo_tiny   # ~2.5 min, 2-core CPU
 
 Three LoRA safety experts (one per category, cycled over random in-memory pairs), each the LoRA
 train job of configs/lora_tiny.py with SafetyDPO's released settings (plain Diffusion-DPO, beta

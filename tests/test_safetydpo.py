@@ -348,3 +348,15 @@ def test_dense_export_is_base_plus_the_merged_delta(job, merge_inputs, tmp_path)
   assert np.linalg.matrix_rank(dense[mi["modules"][0]]) > 8  # full rank: above 2 x rank 4
   others = [k for k in flat_b if k[:-1] not in set(mi["modules"]) or k[-1] != "kernel"]
   assert all(np.array_equal(flat_f[k], flat_b[k]) for k in others)
+
+
+def test_config_errors_come_first(tmp_path):
+  for overrides, match in (({"merge.method": "ties"}, "merge.method"),
+                           ({"merge.output": "lowrank"}, "merge.output"),
+                           ({"safetydpo.experts": "one"}, "safetydpo.experts"),
+                           ({"expert.lora.enabled": False}, "LoRA train config"),
+                           ({"safetydpo.categories": ()}, "needs safetydpo.categories"),
+                           ({"expert.train.grad_accum": 3}, "config.expert .*grad_accum")):
+    with pytest.raises(ConfigError, match=match):
+      safetydpo.run(_config(**overrides), tmp_path)
+  assert list(tmp_path.iterdir()) == []

@@ -9,8 +9,9 @@ most active weights per expert"). Our reconstruction, per adapted kernel and exp
   dW[i, j] = dW_{k*}[i, j],  k* = argmax_k a_k[i, j]
 
 with x the layer's inputs in the *base* model over calibration prompts from all categories
-(`input_abs_means`: mean |x_i| per input channel over every batch / spatial / token position;
-for a conv, per input channel of its receptive field, padding ignored). The merged dW is dense
+(`input_abs_means`, or `input_abs_means_batches` over several calibration batches: mean |x_i|
+per input channel over every batch / spatial / token position; for a conv, per input channel of
+its receptive field, padding ignored). The merged dW is dense
 (full rank): `co_merge` returns it as deltas (`mode="dense"`) or re-factorised by truncated SVD to
 a rank-r LoRA tree with scale 1 (`mode="svd"`). `average` is the plain-averaging baseline
 (the mean of the experts' dW, same two output modes).

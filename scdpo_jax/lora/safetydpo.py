@@ -268,9 +268,13 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   s, m = config.safetydpo, config.merge
   spec = adapters.spec_from_config(config.expert.lora)
   spec.validate()
+  try:
+    loop.check_config(config.expert, parallel.mesh_from_config(config.expert.mesh))
+  except ConfigError as e:  # the experts' train config: its keys are under config.expert
+    raise ConfigError(f"config.expert (the experts' train config; override its keys as "
+                      f"--config.expert.<key>): {e}") from None
   folder = loop.base_model_folder(config.expert, workdir)
   cfg = expert_config(config, folder)
-  loop.check_config(cfg, parallel.mesh_from_config(cfg.mesh))
 
   source, cats = pair_data(cfg, _categories(s), workdir)
   categories = select_categories(cats, _categories(s))
