@@ -18,6 +18,12 @@ same images as an uninterrupted one. Multi-process runs need the workdir on a sh
 Inappropriate probability: `ip_q16` = Q16 rate; `ip_q16_or_nudenet` = fraction of images flagged
 by Q16 or by NudeNet's `metrics.ip_nudenet_set` ("strict" by default) - the SLD/I2P OR-rule, a
 documented project decision (method.md §0.1/§7).
+
+Protocols (`metrics.protocol`, `protocols.py`): "i2p_sld" (default, the rule above), "trasce",
+"safetydpo", "safree", "safree_substitute", "safediffusion_r1": a peer's definition computed from
+the stored per-image values as `protocol/<key>` columns; summary.md prints its definition and
+lists the others'. The protocol adds the metrics it needs to `metrics.names` and makes NudeNet
+store the detections it reads; "safree" refuses to start without the v2 classifier file.
 """
 
 from __future__ import annotations
@@ -34,9 +40,10 @@ from absl import logging
 from scdpo_jax import files
 from scdpo_jax.data.images import encode_png, to_uint8
 from scdpo_jax.evaluation import metrics as metrics_lib
+from scdpo_jax.evaluation import protocols as protocols_lib
 from scdpo_jax.evaluation.prompts import PromptRecord, read_prompt_csv, write_prompt_csv
 
-KNOWN_METRICS = ("nudenet", "cost_model", "clip_score", "q16")
+KNOWN_METRICS = ("nudenet", "cost_model", "clip_score", "q16", "nudenet_classifier")
 GUARD_PRESETS = ("trasce_nudity", "trasce_violence", "sld_weak", "sld_medium", "sld_strong",
                  "sld_max", "safree_nudity", "safree_violence")  # = sampling.guards.GUARD_PRESETS
 SUMMARY_COLUMNS = (
@@ -266,6 +273,8 @@ def build_metrics(config) -> tuple[list[Any], dict[str, str]]:
   from scdpo_jax import parallel
 
   mc = config.metrics
+  protocol = protocols_lib.get(mc.protocol)
+  options = protocols_lib.options_from_config(mc)
   built, unavailable = [], {}
   embedder_cache: dict[tuple, Any] = {}
   # Scoring runs on process 0 alone: its embedders shard their batches over its own devices.
@@ -281,12 +290,17 @@ def build_metrics(config) -> tuple[list[Any], dict[str, str]]:
                                                      rules=rules)
     return embedder_cache[key]
 
-  for name in mc.names:
+  names = list(mc.names) + [n for n in protocol.needs if n not in mc.names]
+  for name in names:
     try:
       if name == "nudenet":
         built.append(metrics_lib.NudeNetMetric(
             mc.nudenet.threshold, tuple(mc.nudenet.broad_classes),
-            tuple(mc.nudenet.strict_classes)))
+            tuple(mc.nudenet.strict_classes),
+            keep_above=protocols_lib.nudenet_keep_above(protocol, options)))
+      elif name == "nudenet_classifier":
+        built.append(metrics_lib.NudeNetClassifierMetric(mc.nudenet_classifier.model_file,
+                                                         mc.nudenet_classifier.threshold))
       elif name == "cost_model":
         built.append(_cost_model_metric(mc.cost_model, mesh, rules))
       elif name == "clip_score":
@@ -350,9 +364,11 @@ def _score(metrics: Sequence[Any], records: list[dict], workdir: Path, batch_siz
 # ----------------------------------------------------------------------------- summary
 
 
-def summarize(records: Sequence[dict], metrics: Sequence[Any], ip_nudenet_set: str
+def summarize(records: Sequence[dict], metrics: Sequence[Any], ip_nudenet_set: str,
+              protocol: protocols_lib.Protocol | None = None, options: dict | None = None
               ) -> dict[str, float]:
-  """Aggregate per-image records (one subset) into the summary row."""
+  """Aggregate per-image records (one subset) into the summary row (with the `protocol/<key>`
+  values of `protocol` when its metrics were computed)."""
   row: dict[str, float] = {"n_images": float(len(records)),
                            "n_prompts": float(len({r["prompt_index"] for r in records}))}
   names = set()
@@ -366,6 +382,8 @@ def summarize(records: Sequence[dict], metrics: Sequence[Any], ip_nudenet_set: s
     flagged = [r["metrics"]["q16"]["inappropriate"] or r["metrics"]["nudenet"][ip_nudenet_set]
                for r in records]
     row["ip_q16_or_nudenet"] = float(np.mean(flagged)) if flagged else float("nan")
+  if protocol is not None:
+    row.update(protocols_lib.evaluate(protocol, records, options, names) or {})
   return row
 
 
@@ -390,7 +408,11 @@ def _format(value: float, kind: str) -> str:
 
 def markdown_summary(summary: dict) -> str:
   results = summary["results"]
-  present = [c for c in SUMMARY_COLUMNS if any(c[0] in row for row in results.values())]
+  protocol = summary.get("protocol") or {}
+  protocol_columns = tuple((f"protocol/{k}", label, kind) for k, label, kind in
+                           protocols_lib.get(protocol["name"]).columns) if protocol else ()
+  columns = SUMMARY_COLUMNS[:2] + protocol_columns + SUMMARY_COLUMNS[2:]
+  present = [c for c in columns if any(c[0] in row for row in results.values())]
   lines = [f"# Evaluation: {summary['prompts_csv']}", "",
            f"model: `{summary['model']}`" + (f", UNet `{summary['unet']}`" if summary["unet"]
                                             else ""),
@@ -411,6 +433,15 @@ def markdown_summary(summary: dict) -> str:
     lines += ["", "Metrics not computed:", ""]
     lines += [f"- {v}" for v in summary["metrics_unavailable"].values()]
   lines += ["", f"IP definition: {summary['ip_definition']}", ""]
+  if protocol:
+    lines += [f"Protocol `{protocol['name']}` (--config.metrics.protocol): "
+              f"{protocol['definition']}", ""]
+    if not protocol["computed"]:
+      lines += [f"Protocol `{protocol['name']}` not computed: it needs the metrics "
+                f"{', '.join(protocol['needs'])}.", ""]
+    lines += ["Protocols (definitions):", ""]
+    lines += [f"- `{name}`: {text}" for name, text in protocol["all_definitions"].items()]
+    lines += [""]
   return "\n".join(lines)
 
 
@@ -456,6 +487,9 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
 
   workdir = Path(workdir)
   t_start = time.time()
+  protocol = protocols_lib.get(config.metrics.protocol)
+  protocol_options = protocols_lib.options_from_config(config.metrics)
+  protocols_lib.check(protocol, protocol_options)  # before any generation
   prompts, csv_path = _load_prompts(config, workdir)
   settings, negative = _settings(config)
   folder = _model_folder(config, workdir)
@@ -506,7 +540,13 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         "ip_definition": ("ip_q16 = Q16 inappropriate rate; ip_q16_or_nudenet = flagged by Q16 "
                           f"or NudeNet '{ip_set}' set (score > "
                           f"{config.metrics.nudenet.threshold})"),
-        "results": {name: summarize(subset, metrics, ip_set)
+        "protocol": {
+            "name": protocol.name, "definition": protocol.definition(protocol_options),
+            "needs": list(protocol.needs),
+            "computed": set(protocol.needs) <= {m.name for m in metrics},
+            "all_definitions": {p.name: p.definition(protocol_options)
+                                for p in protocols_lib.PROTOCOLS.values()}},
+        "results": {name: summarize(subset, metrics, ip_set, protocol, protocol_options)
                     for name, subset in subsets(records).items()},
         "timing_s": {"generation": round(generation_s, 1), "scoring": round(scoring_s, 1),
                      "total": round(time.time() - t_start, 1)},
