@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.pretrained = ""  # diffusers-format SD folder; "" = tiny random pipeline (tests)
   config.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU
   config.model.ref_param_dtype = "float32"  # frozen reference UNet storage; "bfloat16" on GPU/TPU
+  config.model.ref_dtype = ""  # reference UNet compute dtype; "" = model.dtype
   config.model.attention_impl = "xla"  # "xla" | "cudnn" | "auto"
   config.model.remat_policy = "none"  # "none" | "block" | "dots_saveable" | "nothing_saveable"
   config.model.text_layer = -1  # text-encoder layer the UNet is conditioned on (-1 = last)

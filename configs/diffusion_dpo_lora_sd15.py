@@ -4,19 +4,27 @@
       --config.model.pretrained=/path/to/stable-diffusion-v1-5 \
       --config.data.name=/path/to/cached_pairs   # a pair dataset cached to latents (README: Data)
 
+Expected runtime (estimate, not measured): 10000 steps x 32 pairs = 320k pair-steps, about 2 h on
+one H100 at the ~45 pairs/s of today's PyTorch peers (LoRA trains fewer weights, the forward
+passes are the same).
+
 Writes export/lora/pytorch_lora_weights.safetensors (`pipe.load_lora_weights(folder)` in
 diffusers) and export/unet (the base with the LoRA fused).
 
 Recipe (diffusers examples/research_projects/diffusion_dpo, train_diffusion_dpo.py;
 ../shared/docs/method.md 1.3-1.4): plain Diffusion-DPO (no safety terms), LoRA on
 to_q/to_k/to_v/to_out.0 of every transformer block, rank 8 = alpha (peft `lora_alpha=rank`,
-`init_lora_weights="gaussian"`), lr 1e-5, AdamW. beta: the port's beta_dpo = 2500 in its
-convention -logsigmoid(beta * (d_ref - d_theta)) is beta = 5000 in ours
-(z = -0.5 * beta * ((m_w - m_l) - (r_w - r_l))). The port's own batch and step counts are not
-restated here; the batch (16 pairs: 8 per micro-batch x 2) and the 2000 steps / 500-step
-warmup follow SafetyDPO's SD1.5 LoRA launcher (bs 4 x grad-acc 4, 2000 steps, 500 warmup,
-../shared/docs/methods-wave2.md 2), which is the same script family. SafetyDPO itself uses rank 4:
-`--config.lora.rank=4 --config.lora.alpha=4`.
+`init_lora_weights="gaussian"`), lr 1e-5, AdamW (0.9, 0.999, wd 1e-2, eps 1e-8), grad-norm clip
+1.0, no empty captions (the port has no `proportion_empty_prompts`), random h-flip. beta: the
+port's beta_dpo = 2500 in its convention -logsigmoid(beta * (d_ref - d_theta)) is beta = 5000 in
+ours (z = -0.5 * beta * ((m_w - m_l) - (r_w - r_l))). Batch, steps and schedule of the port's
+README SD command: train_batch_size 16 x gradient_accumulation_steps 2 = 32 pairs per step (here
+4 micro-batches of 8: the same step, randomness is drawn for the whole batch), constant lr, 0
+warmup, 10000 steps. Deviations: the port uses bitsandbytes 8-bit AdamW, fp16 (base in fp16, LoRA
+in fp32, autocast) and runs the LoRA branch beside the frozen kernel; here plain AdamW, bf16
+compute on the merged kernel (a delta below bf16's resolution of the base weight is rounded
+away), base in fp32. SafetyDPO's experts (configs/safetydpo_sd15.py) derive from this config
+with their own launcher's values (rank 4, 16 pairs, 2000 steps, 500 warmup, scale_lr).
 """
 
 from configs import default
@@ -46,14 +54,17 @@ def get_config():
   config.train.safety_mode = "none"
   config.train.gamma = 0.0
   config.train.caption_dropout = 0.0
-  config.train.pairs_per_step = 16
-  config.train.grad_accum = 2
-  config.train.num_steps = 2000
+  config.train.pairs_per_step = 32
+  config.train.grad_accum = 4  # 8 pairs per micro-batch
+  config.train.num_steps = 10000
 
   config.optimizer.name = "adamw"
   config.optimizer.lr = 1e-5
   config.optimizer.scale_lr = False
-  config.optimizer.warmup_steps = 500
+  config.optimizer.b1, config.optimizer.b2 = 0.9, 0.999
+  config.optimizer.eps = 1e-8
+  config.optimizer.weight_decay = 1e-2
+  config.optimizer.warmup_steps = 0
   config.optimizer.schedule = "constant"
   config.optimizer.max_grad_norm = 1.0
 

@@ -26,6 +26,7 @@ from absl import logging
 from flax.core import meta
 
 from scdpo_jax import parallel
+from scdpo_jax.errors import ConfigError
 from scdpo_jax.lora import adapters as lora_adapters
 from scdpo_jax.models import layers, unet as unet_lib
 from scdpo_jax.models.unet_config import UNetConfig
@@ -33,15 +34,29 @@ from scdpo_jax.train.checkpoint import abstract_with_shardings
 from scdpo_jax.train.step import StepConfig, TrainState
 
 
+PRECISIONS = ("float32", "float16", "bfloat16")
+
+
+def _precision(model_config: ml_collections.ConfigDict, key: str, default: str = "") -> Any:
+  name = model_config.get(key, "") or default
+  if name not in PRECISIONS:
+    raise ConfigError(f"model.{key}={name!r}; use one of {PRECISIONS}")
+  return jnp.dtype(name)
+
+
 def make_unets(model_config: ml_collections.ConfigDict, unet_config: UNetConfig):
-  """(policy, reference): the same architecture; fp32 master weights for the policy, the
-  reference stored in `model.ref_param_dtype`; both compute in `model.dtype`."""
-  compute = jnp.dtype(model_config.dtype)
+  """(policy, reference): the same architecture; fp32 master weights for the policy, computing
+  in `model.dtype`; the reference stored in `model.ref_param_dtype` and computing in
+  `model.ref_dtype` ("" = `model.dtype`). Each is "float32" | "float16" | "bfloat16" (the
+  Salesforce Diffusion-DPO code: fp16 reference, fp32 master with fp16 autocast; our GPU/TPU
+  recipes: bf16 / bf16)."""
+  compute = _precision(model_config, "dtype")
   policy = unet_lib.UNet2DConditionModel(
       unet_config, dtype=compute, param_dtype=jnp.float32,
       attention_impl=model_config.attention_impl, remat_policy=model_config.remat_policy)
   reference = unet_lib.UNet2DConditionModel(
-      unet_config, dtype=compute, param_dtype=jnp.dtype(model_config.ref_param_dtype),
+      unet_config, dtype=_precision(model_config, "ref_dtype", model_config.dtype),
+      param_dtype=_precision(model_config, "ref_param_dtype"),
       attention_impl=model_config.attention_impl)
   return policy, reference
 
