@@ -33,22 +33,16 @@ def get_config():
   config.data.name = ""  # required: pair dataset (folder or tfds name) with cached latents
   config.data.hflip = True
 
-  config.train.loss_type = "dpo"
-  config.train.beta = 5000.0
-  config.train.safety_mode = "margin"
-  config.train.lam = 1.0
-  config.train.gamma = 1.0
-  config.train.caption_dropout = 0.2
-  config.train.pairs_per_step = 2048
-  config.train.grad_accum = 256  # 8 pairs per micro-batch on one device
-  config.train.num_steps = 2000
+  config.train.update(dict(
+      loss_type="dpo", beta=5000.0, safety_mode="margin", lam=1.0, gamma=1.0,
+      caption_dropout=0.2,
+      pairs_per_step=2048, grad_accum=256,  # 8 pairs per micro-batch on one device
+      num_steps=2000))
 
-  config.optimizer.name = "adamw"
-  config.optimizer.lr = 1e-8
-  config.optimizer.scale_lr = True  # 1e-8 x 2048 pairs = 2.048e-5
-  config.optimizer.warmup_steps = 500
-  config.optimizer.schedule = "constant"
-  config.optimizer.max_grad_norm = 1.0
+  config.optimizer.update(dict(
+      name="adamw", lr=1e-8,
+      scale_lr=True,  # 1e-8 x 2048 pairs = 2.048e-5
+      warmup_steps=500, schedule="constant", max_grad_norm=1.0))
 
   config.checkpoint.every_steps = 100
   config.log.every_steps = 10

@@ -16,10 +16,7 @@ def get_config():
       block_out_channels=(32,), layers_per_block=1, attention_head_dim=4,
       down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",)))
   config.data.num_pairs = 64
-  config.train.gamma = 1.0
-  config.train.pairs_per_step = 16
-  config.train.grad_accum = 2
-  config.train.num_steps = 40
+  config.train.update(dict(gamma=1.0, pairs_per_step=16, grad_accum=2, num_steps=40))
   config.checkpoint.every_steps = 20
   config.log.every_steps = 10
   return config

@@ -68,12 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
   cm.tiny_clip.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, patch_size=4, projection_dim=64))
   cm.tiny_clip.image_size = config.world.get_ref("image_size")
-  cm.data.eval_fraction = 0.25
-  cm.data.embed_batch_size = 128
+  cm.data.update(dict(eval_fraction=0.25, embed_batch_size=128))
   cm.model.hidden_dim = 128
   cm.train.num_steps = 300
-  cm.checkpoint.every_steps = 300
-  cm.eval.every_steps = 300
+  cm.checkpoint.every_steps = cm.eval.every_steps = 300  # one checkpoint and evaluation, at the end
   config.cost_model = cm
 
   config.pairs = ml_collections.ConfigDict(dict(lam=1.0, pairs_per_prompt=3))
@@ -87,22 +85,11 @@ def get_config() -> ml_collections.ConfigDict:
   ft.seed = config.get_ref("seed")
   ft.data.seed = config.get_ref("seed")
   ft.data.hflip = True
-  ft.train.loss_type = "dpo"
-  ft.train.beta = 2000.0
-  ft.train.safety_mode = "margin"
-  ft.train.lam = 1.0
-  ft.train.gamma = 1.0
-  ft.train.caption_dropout = 0.1
-  ft.train.pairs_per_step = 32
-  ft.train.grad_accum = 1
-  ft.train.num_steps = 80
-  ft.optimizer.lr = 3e-4
-  ft.optimizer.warmup_steps = 8
-  ft.checkpoint.every_steps = 80
-  ft.checkpoint.async_save = False
-  ft.checkpoint.keep = 1
-  ft.log.every_steps = 10
-  ft.log.tensorboard = False
+  ft.train.update(dict(loss_type="dpo", beta=2000.0, safety_mode="margin", lam=1.0, gamma=1.0,
+                       caption_dropout=0.1, pairs_per_step=32, grad_accum=1, num_steps=80))
+  ft.optimizer.update(dict(lr=3e-4, warmup_steps=8))
+  ft.checkpoint.update(dict(every_steps=80, async_save=False, keep=1))
+  ft.log.update(dict(every_steps=10, tensorboard=False))
   config.finetune = ft
 
   config.evaluate = ml_collections.ConfigDict(dict(seeds=(0, 1, 2), images_per_prompt=2,

@@ -17,3 +17,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_train_base(tmp_path_factory) -> str:
+  """The tiny base pipeline of `tests.train_utils.tiny_train_config()`, written once per session
+  and used as `model.pretrained` by the trainer tests (runs must not write into it)."""
+  from tests.train_utils import build_tiny_base
+
+  return str(build_tiny_base(tmp_path_factory.mktemp("tiny_train_base")))

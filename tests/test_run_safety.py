@@ -17,12 +17,12 @@ from scdpo_jax import jobs, lock
 from scdpo_jax.errors import ConfigError
 from scdpo_jax.train import loop, resume
 from scdpo_jax.train.checkpoint import Checkpointer
-from tests.train_utils import ROOT, build_tiny_base, tiny_train_config
+from tests.train_utils import ROOT, tiny_train_config
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-  return str(build_tiny_base(tmp_path_factory.mktemp("base")))
+def base(tiny_train_base):
+  return tiny_train_base
 
 
 def _config(base, **overrides):

@@ -16,15 +16,13 @@ import pytest
 from scdpo_jax.models import io
 from scdpo_jax.train import loop, optim, state as state_lib
 from scdpo_jax.train.checkpoint import Checkpointer
-from tests.train_utils import ROOT, build_tiny_base, tiny_train_config
+from tests.train_utils import ROOT, tiny_train_config
 
 
 @pytest.fixture(scope="module", autouse=True)
-def tiny_base(tmp_path_factory):
-  """One tiny base pipeline for every run of this module (as `model.pretrained`)."""
+def tiny_base(tiny_train_base):
   global BASE
-  BASE = str(build_tiny_base(tmp_path_factory.mktemp("base")))
-  return BASE
+  BASE = tiny_train_base
 
 
 def _config(**overrides):

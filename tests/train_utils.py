@@ -22,25 +22,19 @@ def tiny_train_config(**overrides) -> ml_collections.ConfigDict:
   from configs import scdpo_tiny
 
   config = scdpo_tiny.get_config()
-  config.train.gamma = 0.0
-  config.train.grad_accum = 1
-  config.checkpoint.every_steps = 10
+  config.train.update(dict(gamma=0.0, grad_accum=1, pairs_per_step=8, num_steps=3,
+                           export_at_end=False))
   config.data.num_pairs = 16
-  config.train.pairs_per_step = 8
-  config.train.num_steps = 3
-  config.train.export_at_end = False
+  config.checkpoint.update(dict(every_steps=10, async_save=False))
   config.optimizer.warmup_steps = 1
   # Equality tests (sharded vs single device, accumulated vs one batch, resumed vs not) compare
   # parameters to 1e-5. Adam divides by sqrt(v): for biases whose gradient is ~0 it turns fp32
   # summation-order noise into O(lr) differences. A larger eps keeps such updates linear in the
   # gradient, and a small beta keeps the DPO logit from amplifying the noise, so the tests check
   # the math rather than the conditioning of a random tiny model.
-  config.optimizer.lr = 1e-3
-  config.optimizer.eps = 1e-3
+  config.optimizer.update(dict(lr=1e-3, eps=1e-3))
   config.train.beta = 50.0
-  config.checkpoint.async_save = False
-  config.log.every_steps = 1
-  config.log.tensorboard = False
+  config.log.update(dict(every_steps=1, tensorboard=False))
   apply_overrides(config, overrides)
   return config
 

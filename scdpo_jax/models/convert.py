@@ -51,24 +51,26 @@ def flax_path_to_torch_key(path: tuple[str, ...], leaf_ndim: int) -> str:
   return ".".join(_flax_segments_to_torch(modules) + [torch_leaf])
 
 
+# Kernel transposes by rank: conv Flax (H, W, in, out) <-> PyTorch (out, in, H, W); dense
+# Flax (in, out) <-> PyTorch (out, in).
+_TO_TORCH = {4: (3, 2, 0, 1), 2: (1, 0)}
+_TO_FLAX = {4: (2, 3, 1, 0), 2: (1, 0)}
+
+
+def _transpose_kernel(flax_leaf_name: str, value: np.ndarray, perms: dict) -> np.ndarray:
+  if flax_leaf_name == "kernel" and value.ndim in perms:
+    return np.transpose(value, perms[value.ndim])
+  return value
+
+
 def torch_layout(flax_leaf_name: str, value: np.ndarray) -> np.ndarray:
   """Flax array -> PyTorch layout."""
-  if flax_leaf_name == "kernel":
-    if value.ndim == 4:
-      return np.transpose(value, (3, 2, 0, 1))
-    if value.ndim == 2:
-      return np.transpose(value, (1, 0))
-  return value
+  return _transpose_kernel(flax_leaf_name, value, _TO_TORCH)
 
 
 def flax_layout(flax_leaf_name: str, value: np.ndarray) -> np.ndarray:
   """PyTorch array -> Flax layout."""
-  if flax_leaf_name == "kernel":
-    if value.ndim == 4:
-      return np.transpose(value, (2, 3, 1, 0))
-    if value.ndim == 2:
-      return np.transpose(value, (1, 0))
-  return value
+  return _transpose_kernel(flax_leaf_name, value, _TO_FLAX)
 
 
 def _leaf_shape(x: Any) -> tuple[int, ...]:
