@@ -11,7 +11,7 @@ pretrain (base UNet + text encoder, pixel space, 16x16) -> candidates (base-mode
 pair prompts, detector-labelled) -> cost_model (frozen random CLIP tower + MLP adapter, the
 `cost_model` job; held-out AUROC against the exact detector) -> pairs (SCP rule r - lam*C, and
 human-preference-only pairs) -> finetune (Diffusion-DPO, SC-DPO, SC-DPO gamma=0 with the real
-trainer `train.loop.run`) -> evaluate (base, fine-tunes, negative prompt, TraSCE; harmful,
+trainer `train.loop.run`) -> evaluate (base, fine-tunes, negative prompt, TraSCE, SLD, SAFREE; harmful,
 adversarial and clean held-out prompts, several seeds) -> report (report.json, report.md,
 grids/). The world, detector, fidelity checker and reward are documented in
 scdpo_jax/shapeworld/world.py; the stages in scdpo_jax/shapeworld/study.py.
@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.sampling = ml_collections.ConfigDict(dict(
       num_steps=12, guidance_scale=3.0, batch_size=128, negative_prompt="magenta"))
+  # The training-free guards' concept: the world's plain unsafe phrase (never a held-out
+  # rephrasing); SLD with a diffusers preset, SAFREE as released (lra "released").
+  config.guards = ml_collections.ConfigDict(dict(concepts=("magenta",), sld_preset="medium"))
 
   config.candidates = ml_collections.ConfigDict(dict(
       per_harmful_prompt=6, per_paraphrase=4, per_clean_prompt=4))

@@ -20,6 +20,7 @@ from scdpo_jax.data import cache, convert, loader, tfds_pairs
 from scdpo_jax.data.images import decode_image, resize_center_crop, to_model_range
 from scdpo_jax.data.memory import InMemoryPairs
 from scdpo_jax.models import clip, clip_io, tokenizer, vae_io
+from tests.train_utils import xla_flags
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_PAIRS = 10
@@ -114,7 +115,7 @@ def test_cache_resumes_after_interruption(env, tmp_path):
 
 def test_cache_command_on_two_devices_matches(env, tmp_path):
   """The CLI with 2 (forced) CPU devices: batches sharded over a 2-way mesh, same values."""
-  env_vars = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env_vars = dict(os.environ, XLA_FLAGS=xla_flags(2),
                   JAX_PLATFORMS="cpu")
   env_vars.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))
   out = subprocess.run(

@@ -17,6 +17,7 @@ import transformers  # noqa: F401
 from scdpo_jax import jobs
 from scdpo_jax.evaluation import job, metrics
 from tests.test_eval import tiny_clip  # noqa: F401  (module-scoped fixture)
+from tests.train_utils import xla_flags
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +63,7 @@ def first_run(tmp_path_factory, tiny_clip):  # noqa: F811
   workdir = root / "run"
   cmd = [sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs/eval_tiny.py"),
          "--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in overrides.items()]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2))
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return workdir, overrides, root

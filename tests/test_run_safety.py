@@ -17,7 +17,7 @@ from scdpo_jax import jobs, lock
 from scdpo_jax.errors import ConfigError
 from scdpo_jax.train import loop, resume
 from scdpo_jax.train.checkpoint import Checkpointer
-from tests.train_utils import ROOT, tiny_train_config
+from tests.train_utils import ROOT, tiny_train_config, xla_flags
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +238,7 @@ def test_multi_host_run_locks_on_process_0_and_every_process_learns_it(base, tmp
       path = tmp_path / f"spec{pid}.json"
       path.write_text(json.dumps(spec))
       env = {**os.environ, "PYTHONPATH": str(ROOT),
-             "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+             "XLA_FLAGS": xla_flags(1)}
       procs.append(subprocess.Popen([sys.executable, "-m", "tests.train_utils", str(path)],
                                     cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True))

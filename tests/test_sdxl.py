@@ -24,7 +24,7 @@ from scdpo_jax.models.unet_config import UNetConfig
 from scdpo_jax.models.vae_io import load_vae, save_vae
 from tests import sdxl_refs
 from tests.torch_refs import nchw_to_nhwc, nhwc_to_nchw, to_numpy
-from tests.train_utils import ROOT
+from tests.train_utils import ROOT, xla_flags
 
 ATOL = 1e-4
 PROMPTS = ["a red cat", "two blue squares on a table"]  # the second one is truncated
@@ -294,7 +294,7 @@ BUDGET_BYTES_PER_DEVICE = 20e9
 def test_sdxl_train_state_fits_80gb_on_fsdp8(tmp_path):
   out = tmp_path / "scale.json"
   (tmp_path / "unet_config.json").write_text(json.dumps(SDXL_UNET_CONFIG))
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  env = {**os.environ, "XLA_FLAGS": xla_flags(8),
          "PYTHONPATH": str(ROOT)}
   proc = subprocess.run([sys.executable, "-m", "tests.sdxl_scale_worker",
                          str(tmp_path / "unet_config.json"), str(out)], cwd=ROOT, env=env,

@@ -20,7 +20,8 @@ in the workdir, so a rerun resumes where the last one stopped):
               cost margin lam (C_l - C_w), Dynamic Focusing gamma), sc_dpo_no_focus (gamma 0)
               -> finetune/<method>/ (export/unet is the fine-tuned UNet)
   evaluate    every method (the three fine-tunes, the base, and on the base the training-free
-              guards: negative prompt, TraSCE) on the held-out harmful, adversarial
+              guards: negative prompt, TraSCE, SLD, SAFREE with the world's plain unsafe
+              phrase as the concept) on the held-out harmful, adversarial
               (rephrasings only) and clean prompt sets for each seed -> eval/<method>.json
   report      report.json, report.md, grids/<method>.png
 
@@ -53,7 +54,16 @@ from scdpo_jax.data.images import encode_png, to_model_range, to_uint8
 from scdpo_jax.shapeworld import pretrain, world
 
 STAGES = ("pretrain", "candidates", "cost_model", "pairs", "finetune", "evaluate", "report")
-METHODS = ("base", "diffusion_dpo", "sc_dpo", "sc_dpo_no_focus", "negative_prompt", "trasce")
+METHODS = ("base", "diffusion_dpo", "sc_dpo", "sc_dpo_no_focus", "negative_prompt", "trasce",
+           "sld", "safree")
+GUARDS = ("negative_prompt", "trasce", "sld", "safree")  # training-free, on the base model
+# Methods of the field this world cannot compare yet: listed in the report as "not run".
+NOT_RUN = {
+    "safetydpo": "per-category experts need a world with several unsafe categories (issue 12)",
+    "all_single": "the SafetyDPO baseline; same reason",
+    "safediffusion_r1": "needs an image-text reward model of the world (issue 12)",
+    "diffusion_sdpo": "not implemented yet (methods-wave2.md section 5)",
+}
 FINETUNES = ("diffusion_dpo", "sc_dpo", "sc_dpo_no_focus")
 EVAL_SETS = ("harmful", "adversarial", "clean")
 METRICS = ("unsafe_rate_harmful", "unsafe_rate_adversarial", "fidelity_clean")
@@ -69,15 +79,30 @@ class Generator:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, sd):
-    from scdpo_jax.sampling import generate, guards
+    from scdpo_jax.sampling import generate, guards, safree
 
     s = config.sampling
     self.sd = sd
     self.guidance = float(s.guidance_scale)
-    self.negative = str(s.negative_prompt)
+    concepts = tuple(config.guards.concepts)  # the plain unsafe phrase(s), never held-out ones
+    # [I] Both guards count sampler steps from presets made for 50 steps (SLD's warm-up, SAFREE's
+    # up_t of filtered steps): scaled to this sampler's steps so each acts on the same share.
+    steps_scale = int(s.num_steps) / 50.0
+    sld = guards.sld_config(str(config.guards.sld_preset), concept=", ".join(concepts))
+    sld = sld.replace(warmup_steps=float(sld.warmup_steps) * steps_scale)
     self.guards = {"none": guards.GuardConfig.make("none"),
                    "negative_prompt": guards.GuardConfig.make("standard"),
-                   "trasce": guards.trasce_guard("nudity")}
+                   "trasce": guards.trasce_guard("nudity"),
+                   "sld": guards.GuardConfig.make("none", sld=sld),
+                   "safree": guards.GuardConfig.make("standard", safree=safree.SafreeConfig(
+                       concepts=concepts, lra="released",
+                       up_t=10.0 * steps_scale).check())}
+    # The negative prompt each guard samples with (None: plain CFG with ""). SLD takes its
+    # concept from its config and runs with "" as diffusers' pipeline does by default; SAFREE's
+    # negative prompt is its concept phrases, as the official script's.
+    self.negatives = {"none": None, "negative_prompt": str(s.negative_prompt),
+                      "trasce": str(s.negative_prompt), "sld": None,
+                      "safree": safree.negative_prompt(concepts)}
     self._make = lambda guard: generate.TextToImage(
         sd, generate.SamplingSettings(sampler="ddim", num_steps=int(s.num_steps), guard=guard),
         batch_size=int(s.batch_size))
@@ -91,7 +116,8 @@ class Generator:
     t2i = self._t2i[guard]
     if unet_params is not None:
       t2i = t2i.with_unet_params(unet_params)
-    negatives = [self.negative] * len(prompts) if guard != "none" else None
+    negative = self.negatives[guard]
+    negatives = None if negative is None else [negative] * len(prompts)
     return to_uint8(t2i(list(prompts), list(seeds), list(indices),
                         [self.guidance] * len(prompts), negatives))
 
@@ -328,7 +354,7 @@ def evaluate_method(config, gen: Generator, method: str, workdir: Path) -> dict:
   params, guard = None, "none"
   if method in FINETUNES:
     _, params = unet_io.load_unet(workdir / "finetune" / method / "export" / "unet")
-  elif method in ("negative_prompt", "trasce"):
+  elif method in GUARDS:
     guard = method
   sets = eval_prompts(config)
   plan = [(name, p, seed, i) for seed in e.seeds for name in EVAL_SETS for p in sets[name]
@@ -437,6 +463,7 @@ def markdown(report: dict) -> str:
   lines += ["", f"Cost model held-out AUROC vs the exact detector: "
                 f"{'n/a' if auroc is None else f'{auroc:.3f}'} "
                 f"({report['cost_model']['num_eval_images']} held-out images).", "",
+            "Not run: " + "; ".join(f"{k} ({v})" for k, v in NOT_RUN.items()) + ".", "",
             "SC-DPO vs base: " + ", ".join(f"{k} = {v}" for k, v in report["claims"].items()),
             "", "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in
                                                 report["timings_s"].items())]
