@@ -10,14 +10,6 @@ _CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scdpo
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-# The suite compiles hundreds of small programs whose run time is tiny: XLA's LLVM backend
-# optimisations cost more compile time than they save (about half the cold suite time on 2
-# cores). IEEE semantics are unchanged (no fast-math); subprocesses inherit these flags
-# (`tests.train_utils.xla_flags`). SCDPO_TEST_FULL_XLA_OPT=1 keeps XLA's defaults.
-if not os.environ.get("SCDPO_TEST_FULL_XLA_OPT"):
-  os.environ["XLA_FLAGS"] = " ".join(filter(None, [
-      os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
-      "--xla_llvm_disable_expensive_passes=true"]))
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

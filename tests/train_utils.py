@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def xla_flags(devices: int) -> str:
-  """XLA_FLAGS for a subprocess with `devices` simulated CPU devices: this process's flags (the
-  suite's compile settings from conftest.py) with the device count replaced."""
+  """XLA_FLAGS for a subprocess with `devices` simulated CPU devices: this process's flags with
+  the device count replaced."""
   kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
           if not f.startswith("--xla_force_host_platform_device_count")]
   return " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"])
