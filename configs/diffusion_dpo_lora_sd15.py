@@ -59,14 +59,9 @@ def get_config():
   config.train.num_steps = 10000
 
   config.optimizer.name = "adamw"
-  config.optimizer.lr = 1e-5
-  config.optimizer.scale_lr = False
-  config.optimizer.b1, config.optimizer.b2 = 0.9, 0.999
-  config.optimizer.eps = 1e-8
-  config.optimizer.weight_decay = 1e-2
-  config.optimizer.warmup_steps = 0
-  config.optimizer.schedule = "constant"
-  config.optimizer.max_grad_norm = 1.0
+  config.optimizer.update(dict(
+      lr=1e-5, scale_lr=False, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, warmup_steps=0,
+      schedule="constant", max_grad_norm=1.0))
 
   config.checkpoint.every_steps = 200
   config.log.every_steps = 10

@@ -117,38 +117,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.reward.batch_size = 32
   config.reward.tiny_clip = None  # tiny config only: random towers when clip_folder is ""
 
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adamw"
-  config.optimizer.lr = 1e-5
-  config.optimizer.scale_lr = False
-  config.optimizer.b1 = 0.9
-  config.optimizer.b2 = 0.999
-  config.optimizer.eps = 1e-8
-  config.optimizer.weight_decay = 1e-4
-  config.optimizer.warmup_steps = 0
-  config.optimizer.schedule = "constant"
-  config.optimizer.cosine_final_fraction = 0.0
-  config.optimizer.max_grad_norm = 1.0
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-5, scale_lr=False, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
+      warmup_steps=0, schedule="constant", cosine_final_fraction=0.0, max_grad_norm=1.0))
 
-  config.lora = ml_collections.ConfigDict()  # released: use_lora=False (full UNet)
-  config.lora.enabled = False
-  config.lora.rank = 4
-  config.lora.alpha = 4.0
-  config.lora.init = "gaussian"
-  config.lora.dropout = 0.0  # must stay 0 (deterministic policy)
-  config.lora.targets = ("attention",)
+  config.lora = ml_collections.ConfigDict(dict(  # released: use_lora=False (full UNet)
+      enabled=False, rank=4, alpha=4.0, init="gaussian",
+      dropout=0.0,  # must stay 0 (deterministic policy)
+      targets=("attention",)))
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding_rules = common.SHARDING_RULES
 
-  config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every_epochs = 20
-  config.checkpoint.keep = 3
-  config.checkpoint.async_save = True
-
-  config.log = ml_collections.ConfigDict()
-  config.log.every_steps = 1
-  config.log.tensorboard = True
+  config.checkpoint = ml_collections.ConfigDict(dict(every_epochs=20, keep=3, async_save=True))
+  config.log = ml_collections.ConfigDict(dict(every_steps=1, tensorboard=True))
 
   config.distributed = ml_collections.ConfigDict()
   config.distributed.coordinator_address = ""

@@ -30,3 +30,17 @@ def save_image_grid(images: np.ndarray, path, columns: int | None = None) -> Pat
   path.parent.mkdir(parents=True, exist_ok=True)
   Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
   return path
+
+
+def in_fixed_batches(fn, params, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+  """`fn(params, chunk)` over `inputs` in chunks of exactly `batch_size` rows (the last one padded
+  by repeating its final row, the padding dropped from the output), so a jitted `fn` compiles
+  once; outputs concatenated as float32."""
+  out = []
+  for start in range(0, len(inputs), batch_size):
+    chunk = inputs[start:start + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+    out.append(np.asarray(fn(params, chunk), np.float32)[:batch_size - pad])
+  return np.concatenate(out)

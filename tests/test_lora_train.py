@@ -18,7 +18,7 @@ from scdpo_jax.models import layers, pipeline, unet_io
 from scdpo_jax.train import loop, optim, state as state_lib
 from tests.test_lora import _torch_apply
 from tests.test_train import _worker
-from tests.train_utils import build_tiny_base, tiny_train_config
+from tests.train_utils import tiny_train_config
 
 # Dense and (1x1) conv adapters; peft's gaussian init with alpha != rank.
 LORA = {"lora.enabled": True, "lora.rank": 4, "lora.alpha": 8.0,
@@ -26,10 +26,9 @@ LORA = {"lora.enabled": True, "lora.rank": 4, "lora.alpha": 8.0,
 
 
 @pytest.fixture(scope="module", autouse=True)
-def tiny_base(tmp_path_factory):
+def tiny_base(tiny_train_base):
   global BASE
-  BASE = str(build_tiny_base(tmp_path_factory.mktemp("lora_base")))
-  return BASE
+  BASE = tiny_train_base
 
 
 def _config(**overrides):

@@ -24,16 +24,15 @@ from scdpo_jax.lora import adapters, io as lora_io, merge as merge_lib, safetydp
 from scdpo_jax.models import layers, pipeline, unet_io
 from scdpo_jax.train import loop
 from tests.test_lora import _torch_apply
-from tests.train_utils import apply_overrides, build_tiny_base
+from tests.train_utils import apply_overrides
 
 CATS = ("Hate", "sexual")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def tiny_base(tmp_path_factory):
+def tiny_base(tiny_train_base):
   global BASE
-  BASE = str(build_tiny_base(tmp_path_factory.mktemp("sdpo_base")))
-  return BASE
+  BASE = tiny_train_base
 
 
 def _config(**overrides):

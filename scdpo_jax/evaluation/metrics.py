@@ -394,15 +394,10 @@ class ClipEmbedder:
     return int(self.vision.config.projection_dim)
 
   def _batched(self, fn, params, inputs: np.ndarray) -> np.ndarray:
-    """Fixed-size batches (the last one padded) so `fn` compiles once."""
-    out = []
-    for start in range(0, len(inputs), self.batch_size):
-      chunk = inputs[start:start + self.batch_size]
-      pad = self.batch_size - len(chunk)
-      if pad:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-      out.append(np.asarray(fn(params, chunk), np.float32)[:self.batch_size - pad])
-    embeds = np.concatenate(out)
+    """Unit-norm embeddings in fixed-size batches, so `fn` compiles once."""
+    from scdpo_jax.utils import in_fixed_batches
+
+    embeds = in_fixed_batches(fn, params, inputs, self.batch_size)
     return embeds / np.linalg.norm(embeds, axis=-1, keepdims=True)
 
   def image_embeds(self, images: np.ndarray) -> np.ndarray:

@@ -112,14 +112,9 @@ class ClipTowers:
                batch_size=batch_size, name=f"random(seed={seed})")
 
   def _batched(self, fn, params, inputs: np.ndarray) -> np.ndarray:
-    out = []
-    for start in range(0, len(inputs), self.batch_size):
-      chunk = inputs[start:start + self.batch_size]
-      pad = self.batch_size - len(chunk)
-      if pad:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-      out.append(np.asarray(fn(params, chunk), np.float32)[:self.batch_size - pad])
-    return _normalize(np.concatenate(out))
+    from scdpo_jax.utils import in_fixed_batches
+
+    return _normalize(in_fixed_batches(fn, params, inputs, self.batch_size))
 
   def text_embeds(self, texts: Sequence[str]) -> np.ndarray:
     from scdpo_jax.models import tokenizer
