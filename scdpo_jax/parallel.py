@@ -129,6 +129,20 @@ def batch_divisor(mesh: Mesh, rules=DEFAULT_RULES) -> int:
   return math.prod(mesh.shape[a] for a in batch_axes(rules))
 
 
+def known_cpu_gradient_issue(mesh_shape: dict, rules, backend: str) -> str | None:
+  """The warning for the layout where XLA:CPU was measured to compute a wrong train-step gradient
+  (README, Design choices: the batch over two or more mesh axes of size > 1 together with a
+  tensor axis of size > 1, activation constraints active), or None for any other layout or
+  backend. `scripts/check_mesh_gradient.py` checks a layout against one device."""
+  split = [a for a in batch_axes(rules) if mesh_shape.get(a, 1) > 1]
+  if backend != "cpu" or len(split) < 2 or mesh_shape.get("tensor", 1) <= 1:
+    return None
+  return (f"mesh {dict(mesh_shape)} puts the batch on {' x '.join(split)} and parameters on "
+          "tensor: on the CPU backend this layout was measured to compute a wrong gradient "
+          "(README, Design choices, known issue); check it against one device with "
+          "scripts/check_mesh_gradient.py, or map the batch to one axis")
+
+
 def check_batch_fits(global_batch: int, mesh: Mesh, what: str = "batch",
                      rules=DEFAULT_RULES) -> None:
   d = batch_divisor(mesh, rules)

@@ -64,3 +64,17 @@ def test_parameters_left_replicated_are_reported(lowered_cases):
   unsharded = lowered_cases["custom_rules"]["unsharded_params"]
   assert any(p.endswith("conv1/kernel") for p in unsharded), unsharded
   assert not lowered_cases["data2_tensor4"]["unsharded_params"]
+
+
+def test_known_cpu_gradient_issue_is_flagged_only_for_its_layout():
+  from scdpo_jax import parallel
+
+  rules = parallel.DEFAULT_RULES  # batch -> (data, fsdp)
+  bad = {"data": 2, "fsdp": 2, "tensor": 2}
+  assert "wrong gradient" in parallel.known_cpu_gradient_issue(bad, rules, "cpu")
+  assert parallel.known_cpu_gradient_issue(bad, rules, "gpu") is None
+  for fine in ({"data": 1, "fsdp": 8, "tensor": 1}, {"data": 2, "fsdp": 1, "tensor": 4},
+               {"data": 4, "fsdp": 2, "tensor": 1}):
+    assert parallel.known_cpu_gradient_issue(fine, rules, "cpu") is None, fine
+  data_only = tuple((n, "data" if n == "batch" else a) for n, a in rules)
+  assert parallel.known_cpu_gradient_issue(bad, data_only, "cpu") is None

@@ -65,6 +65,11 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
                             what=f"micro-batch (pairs_per_step / grad_accum = "
                                  f"{t.pairs_per_step}/{t.grad_accum})",
                             rules=parallel.rules_from_config(config.sharding_rules))
+  issue = parallel.known_cpu_gradient_issue(dict(mesh.shape),
+                                            parallel.rules_from_config(config.sharding_rules),
+                                            jax.default_backend())
+  if issue:
+    logging.warning("%s", issue)
   if config.data.source not in DATA_SOURCES:
     raise ConfigError(f"data.source={config.data.source!r}; supported: {DATA_SOURCES}")
   if not config.model.pretrained and config.model.get("tiny") is None:
