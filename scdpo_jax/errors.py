@@ -10,3 +10,9 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
   """An invalid config value or combination, found before any weights are loaded."""
+
+
+def check_choice(key: str, value, supported) -> None:
+  """ConfigError `key=value; supported: (...)` unless `value` is one of `supported`."""
+  if value not in supported:
+    raise ConfigError(f"{key}={value!r}; supported: {supported}")

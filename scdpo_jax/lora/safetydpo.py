@@ -56,7 +56,7 @@ from absl import logging
 from flax import traverse_util
 
 from scdpo_jax import files, parallel
-from scdpo_jax.errors import ConfigError
+from scdpo_jax.errors import ConfigError, check_choice
 from scdpo_jax.lora import adapters, io as lora_io, merge as merge_lib, train as lora_train
 
 EXPERT_MODES = ("per_category", "all_single")
@@ -76,12 +76,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("safetydpo: config.expert must be a LoRA train config "
                       "(config.expert.lora.enabled = True)")
   s, m = config.safetydpo, config.merge
-  if s.experts not in EXPERT_MODES:
-    raise ConfigError(f"safetydpo.experts={s.experts!r}; supported: {EXPERT_MODES}")
-  if m.method not in METHODS:
-    raise ConfigError(f"merge.method={m.method!r}; supported: {METHODS}")
-  if m.output not in OUTPUTS:
-    raise ConfigError(f"merge.output={m.output!r}; supported: {OUTPUTS}")
+  check_choice("safetydpo.experts", s.experts, EXPERT_MODES)
+  check_choice("merge.method", m.method, METHODS)
+  check_choice("merge.output", m.output, OUTPUTS)
   if int(m.rank) < 0:
     raise ConfigError(f"merge.rank must be >= 0 (0 = experts x expert rank), got {m.rank}")
   if int(m.calibration_pairs_per_category) < 1 or int(m.calibration_batch) < 1:

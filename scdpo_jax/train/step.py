@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from scdpo_jax.errors import ConfigError
+from scdpo_jax.errors import ConfigError, check_choice
 from scdpo_jax.models import schedule as sch
 from scdpo_jax.train import losses as L
 
@@ -73,12 +73,9 @@ class StepConfig:
   grad_accum: int = struct.field(pytree_node=False, default=1)
 
   def validate(self) -> None:
-    if self.loss_type not in LOSS_TYPES:
-      raise ConfigError(f"train.loss_type={self.loss_type!r}; supported: {LOSS_TYPES}")
-    if self.margin_form not in MARGIN_FORMS:
-      raise ConfigError(f"train.margin_form={self.margin_form!r}; supported: {MARGIN_FORMS}")
-    if self.safety_mode not in SAFETY_MODES:
-      raise ConfigError(f"train.safety_mode={self.safety_mode!r}; supported: {SAFETY_MODES}")
+    check_choice("train.loss_type", self.loss_type, LOSS_TYPES)
+    check_choice("train.margin_form", self.margin_form, MARGIN_FORMS)
+    check_choice("train.safety_mode", self.safety_mode, SAFETY_MODES)
     if not 0.0 <= self.caption_dropout < 1.0:
       raise ConfigError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
     if self.grad_accum < 1:
