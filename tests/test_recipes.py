@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from configs import default, diffusion_dpo_lora_sd15, diffusion_dpo_sd15
+from configs import default, diffusion_dpo_lora_sd15, diffusion_dpo_sd15, scdpo_sdxl
 from configs.default import tiny_pipeline_config
 from scdpo_jax.errors import ConfigError
 from scdpo_jax.models import unet_config
@@ -55,6 +55,40 @@ def test_diffusers_lora_port_recipe():
       "adamw", 1e-5, False, 0, "constant", 1.0)
   lr = optim.learning_rate_schedule(o, t.num_steps, t.pairs_per_step)
   assert float(lr(0)) == pytest.approx(1e-5)  # no warmup
+
+
+def test_salesforce_sdxl_recipe():
+  """configs/scdpo_sdxl.py (launchers/sdxl.sh + train.py --sdxl): Adafactor, 1e-8 x 2048, 200
+  warmup, remat; the variants share it and differ in the SC-DPO terms only."""
+  full = {v: scdpo_sdxl.get_config(v) for v in ("scdpo", "diffusion_dpo")}
+  for variant, config in full.items():
+    _known_keys(config, default.get_config())
+    t, o = config.train, config.optimizer
+    assert (t.loss_type, t.beta, t.caption_dropout) == ("dpo", 5000.0, 0.2)
+    assert (t.pairs_per_step, t.num_steps) == (2048, 2000) and t.pairs_per_step % t.grad_accum == 0
+    assert (o.name, o.lr, o.scale_lr, o.warmup_steps, o.schedule, o.weight_decay) == (
+        "adafactor", 1e-8, True, 200, "constant", 1e-2)
+    assert o.max_grad_norm == 1.0  # --sdxl without --use_adafactor keeps clip_grad_norm_
+    lr = optim.learning_rate_schedule(o, t.num_steps, t.pairs_per_step)
+    assert float(lr(100)) == pytest.approx(1.024e-5) and float(lr(1999)) == pytest.approx(2.048e-5)
+    assert config.model.remat_policy == "block" and config.data.hflip and not config.lora.enabled
+  assert (full["diffusion_dpo"].train.safety_mode, full["diffusion_dpo"].train.gamma) == (
+      "none", 0.0)
+  assert full["diffusion_dpo"].model.ref_param_dtype == "float16"
+  s = full["scdpo"].train
+  assert (s.safety_mode, s.lam, s.gamma) == ("margin", 1.0, 1.0)
+  lora = scdpo_sdxl.get_config("lora")  # the diffusers port's README SDXL command
+  _known_keys(lora, default.get_config())
+  t, o, a = lora.train, lora.optimizer, lora.lora
+  assert (a.enabled, a.rank, a.alpha, a.init, tuple(a.targets)) == (
+      True, 8, 8.0, "gaussian", ("attention",))
+  assert (t.beta, t.caption_dropout, t.pairs_per_step, t.num_steps, t.safety_mode) == (
+      5000.0, 0.0, 16, 2000, "none")
+  assert (o.name, o.lr, o.scale_lr, o.warmup_steps, o.max_grad_norm) == (
+      "adamw", 1e-5, False, 0, 1.0)
+  assert scdpo_sdxl.get_config("scdpo_lora").train.safety_mode == "margin"
+  with pytest.raises(ValueError, match="unknown variant"):
+    scdpo_sdxl.get_config("sdxl")
 
 
 def _model(**kw):

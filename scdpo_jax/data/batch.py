@@ -10,6 +10,15 @@ A batch is a dict of NumPy arrays whose leading axis is the pair index:
   cost_w, cost_l        float32 (B,)          safety cost of winner / loser (0 when unknown)
   reward_w, reward_l    float32 (B,)          preference reward of winner / loser (0 when unknown)
 
+SDXL batches carry two more keys (`XL_KEYS`; absent for SD 1.x/2.x, whose batches are unchanged):
+
+  text_states           float32 (B, T, D1+D2) both encoders' penultimate states, concatenated
+                                              (diffusers' `prompt_embeds`)
+  pooled_text           float32 (B, P)        text_encoder_2's pooled projection
+                                              (`added_cond_kwargs["text_embeds"]`)
+  time_ids              float32 (B, 6)        micro-conditioning: original (h, w), crop (top,
+                                              left), target (h, w) (`added_cond_kwargs["time_ids"]`)
+
 A *pair source* is any object with
 
   num_pairs: int                        pairs per epoch
@@ -29,6 +38,15 @@ import numpy as np
 PAIR_KEYS = ("latents_w", "latents_l", "text_states", "is_harmful", "cost_w", "cost_l",
              "reward_w", "reward_l")
 FLOAT_KEYS = ("cost_w", "cost_l", "reward_w", "reward_l")
+XL_KEYS = ("pooled_text", "time_ids")
+
+
+def batch_keys(batch) -> tuple[str, ...]:
+  """The trainer's keys of `batch`: `PAIR_KEYS`, plus `XL_KEYS` when it has them (SDXL)."""
+  present = [k for k in XL_KEYS if k in batch]
+  if present and len(present) != len(XL_KEYS):
+    raise KeyError(f"pair batch has {present} but not all of {XL_KEYS} (SDXL batches carry both)")
+  return PAIR_KEYS + tuple(present)
 
 
 class PairSource(Protocol):
@@ -44,7 +62,7 @@ def validate_batch(batch: dict[str, np.ndarray]) -> None:
   if missing:
     raise KeyError(f"pair batch is missing {missing}; expected keys {PAIR_KEYS}")
   b = batch["latents_w"].shape[0]
-  for k in PAIR_KEYS:
+  for k in batch_keys(batch):
     if batch[k].shape[0] != b:
       raise ValueError(f"pair batch: {k} has {batch[k].shape[0]} rows, latents_w has {b}")
   if batch["latents_w"].shape != batch["latents_l"].shape:

@@ -14,6 +14,14 @@ with that tokenizer. Images are decoded, resized (shorter side, bicubic) and cen
 `resolution` (default: the VAE's sample_size), then mapped to [-1, 1]. No flip is applied here:
 the loader flips latents.
 
+SDXL (`--pretrained` an SDXL folder, detected from its model_index.json; `--vae` optionally
+another VAE folder, e.g. sdxl-vae-fp16-fix as the Diffusion-DPO SDXL recipe uses): `text_states` =
+diffusers' `prompt_embeds` (both encoders' penultimate states, concatenated; each tokenizer's own
+ids; `--text_layer` does not apply), `pooled_text` = text_encoder_2's pooled projection, and
+`time_ids` per record (`--time_ids`): "crop" (default; diffusers' SDXL training and its
+Diffusion-DPO port) = (winner's original h, w, the centre crop's top, left in the resized image,
+R, R); "resolution" (the Salesforce `train.py --sdxl`) = (R, R, 0, 0, R, R).
+
 Batches of `batch_size` images are encoded by one jitted function whose inputs are sharded over
 the mesh axes of the rules' `batch` entry on a (data, fsdp, tensor) mesh of this process's devices
 (`parallel.py`), with the weights placed by their logical axis names and the VAE / text encoder
@@ -48,17 +56,24 @@ WORK_DIR = "_cache_work"
 LATENT_MODES = ("mean", "sample")
 
 
+TIME_IDS_MODES = ("crop", "resolution")
+
+
 class PairEncoder:
   """Images -> scaled VAE latents, token ids -> text-encoder states; jitted, mesh-sharded.
 
   `encode_images(images, record_ids, sides)`: float32 (N, R, R, 3) in [-1, 1] -> float32
   (N, R/f, R/f, C) scaled latents. `encode_text(ids)`: int32 (N, T) -> float32 (N, T, D).
   `tokenize(prompts)`: list[str] -> int32 (N, T). All run in batches of `batch_size`.
+  SDXL (`text_module_2`, `text_params_2`, `tokenizer_2` given): `encode_prompts(prompts)` gives
+  text_states (diffusers' prompt_embeds) and pooled_text; `time_ids` as the module docstring.
   """
 
   def __init__(self, vae_module, vae_params, text_module, text_params, tokenizer, *,
                resolution: int | None = None, latent_mode: str = "mean", text_layer: int = -1,
-               batch_size: int = 32, seed: int = 0, mesh=None, rules=None, source: str = ""):
+               batch_size: int = 32, seed: int = 0, mesh=None, rules=None, source: str = "",
+               text_module_2=None, text_params_2=None, tokenizer_2=None,
+               time_ids: str = "crop", vae_folder: str = ""):
     import jax
     import jax.numpy as jnp
 
@@ -67,6 +82,11 @@ class PairEncoder:
 
     if latent_mode not in LATENT_MODES:
       raise ValueError(f"latent_mode must be one of {LATENT_MODES}, got {latent_mode!r}")
+    if time_ids not in TIME_IDS_MODES:
+      raise ValueError(f"time_ids must be one of {TIME_IDS_MODES}, got {time_ids!r}")
+    self.sdxl = text_module_2 is not None
+    self.time_ids_mode, self.vae_folder = time_ids, str(vae_folder or "")
+    self.text_encoder_2, self.tokenizer_2 = text_module_2, tokenizer_2
     self.vae, self.text_encoder, self.tokenizer = vae_module, text_module, tokenizer
     self.resolution = int(resolution or vae_module.config.sample_size)
     if self.resolution % vae_module.config.downsample_factor:
@@ -110,28 +130,66 @@ class PairEncoder:
                             in_shardings=(vae_shard, b4, b1, b1), out_shardings=b4)
     self._states = jax.jit(parallel.with_logical_rules(states, self.mesh, rules),
                            in_shardings=(text_shard, b2), out_shardings=b3)
+    if self.sdxl:
+      from scdpo_jax.models import conditioning_xl
+
+      text_shard_2 = parallel.logical_shardings(layers.abstract_params(text_module_2),
+                                                self.mesh, rules)
+      self.text_params_2 = jax.device_put(text_params_2, text_shard_2)
+      self.max_length_2 = int(text_module_2.config.max_position_embeddings)
+
+      def states_xl(p1, p2, ids, ids_2):
+        emb = conditioning_xl.encode_prompt(text_module, p1, text_module_2, p2, ids, ids_2)
+        return (emb.prompt_embeds.astype(jnp.float32),
+                emb.pooled_prompt_embeds.astype(jnp.float32))
+
+      self._states_xl = jax.jit(parallel.with_logical_rules(states_xl, self.mesh, rules),
+                                in_shardings=(text_shard, text_shard_2, b2, b2),
+                                out_shardings=(b3, b2))
 
   @classmethod
   def from_pretrained(cls, folder: str | Path, *, dtype: str = "float32", **kwargs
                       ) -> "PairEncoder":
-    """VAE, text encoder and tokenizer of a diffusers SD folder."""
+    """VAE, text encoder(s) and tokenizer(s) of a diffusers SD or SDXL folder (SDXL: `vae_folder`
+    optionally another VAE, `time_ids` the mode of the module docstring)."""
     import jax.numpy as jnp
 
-    from scdpo_jax.models import pipeline
+    from scdpo_jax.models import pipeline, pipeline_xl
 
+    source = str(Path(folder).resolve())
+    if pipeline_xl.is_sdxl_folder(folder):
+      vae_folder = kwargs.pop("vae_folder", "") or None
+      xl = pipeline_xl.load_stable_diffusion_xl(
+          folder, ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
+          vae_folder=vae_folder, dtype=jnp.dtype(dtype))
+      return cls(xl.vae, xl.vae_params, xl.text_encoder, xl.text_encoder_params, xl.tokenizer,
+                 text_module_2=xl.text_encoder_2, text_params_2=xl.text_encoder_2_params,
+                 tokenizer_2=xl.tokenizer_2, source=source,
+                 vae_folder=str(Path(vae_folder).resolve()) if vae_folder else "", **kwargs)
+    if kwargs.pop("vae_folder", "") or kwargs.pop("time_ids", "crop") != "crop":
+      raise ValueError(f"vae_folder / time_ids are SDXL options; {folder} is an SD 1.x/2.x "
+                       "pipeline")
     sd = pipeline.load_stable_diffusion(folder, ("vae", "text_encoder", "tokenizer"),
                                         dtype=jnp.dtype(dtype))
     return cls(sd.vae, sd.vae_params, sd.text_encoder, sd.text_encoder_params, sd.tokenizer,
-               source=str(Path(folder).resolve()), **kwargs)
+               source=source, **kwargs)
 
   def fingerprint(self) -> dict[str, Any]:
     """What determines the cached values (checked when resuming)."""
     identity = {}
     if self.source and Path(self.source).is_dir():  # which weights made the cache
+      components = ("text_encoder", "text_encoder_2") if self.sdxl else ("text_encoder",)
       identity = {f"{c}_identity": files.folder_identity(Path(self.source) / c)
-                  for c in ("vae", "text_encoder")}
-    return {"pretrained": self.source, **identity, "resolution": self.resolution,
-            "latent_mode": self.latent_mode, "text_layer": self.text_layer, "seed": self.seed,
+                  for c in components}
+      identity["vae_identity"] = files.folder_identity(
+          Path(self.vae_folder) if self.vae_folder else Path(self.source) / "vae")
+    xl = {}
+    if self.sdxl:  # text_layer does not apply: diffusers' encode_prompt (penultimate states)
+      xl = {"family": "sdxl", "time_ids": self.time_ids_mode, "vae_folder": self.vae_folder,
+            "max_length_2": self.max_length_2}
+    return {"pretrained": self.source, **identity, **xl, "resolution": self.resolution,
+            "latent_mode": self.latent_mode,
+            "text_layer": None if self.sdxl else self.text_layer, "seed": self.seed,
             "max_length": self.max_length,
             "vae_scaling_factor": float(self.vae.config.scaling_factor),
             "vae_shift_factor": (None if self.vae.config.shift_factor is None
@@ -167,14 +225,49 @@ class PairEncoder:
       raise ValueError(f"encode_text expects (N, {self.max_length}) token ids, got {ids.shape}")
     return self._batched(lambda x: self._states(self.text_params, x), [ids])
 
+  def encode_prompts(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+    """{"input_ids", "text_states"} (SD) or, SDXL, also "pooled_text" (`input_ids`: the first
+    tokenizer's; `text_states`: diffusers' prompt_embeds of both tokenizers' ids)."""
+    ids = self.tokenize(prompts)
+    if not self.sdxl:
+      return {"input_ids": ids, "text_states": self.encode_text(ids)}
+    from scdpo_jax.models import tokenizer as tok
+    ids_2 = tok.tokenize(self.tokenizer_2, list(prompts), self.max_length_2)
+    n, outs = len(ids), []
+    for lo in range(0, n, self.batch_size):
+      part = [ids[lo:lo + self.batch_size], ids_2[lo:lo + self.batch_size]]
+      m = len(part[0])
+      if m < self.batch_size:
+        part = [np.concatenate([p, np.repeat(p[-1:], self.batch_size - m, axis=0)]) for p in part]
+      states, pooled = self._states_xl(self.text_params, self.text_params_2, *part)
+      outs.append((np.asarray(states)[:m], np.asarray(pooled)[:m]))
+    return {"input_ids": ids, "text_states": np.concatenate([o[0] for o in outs]),
+            "pooled_text": np.concatenate([o[1] for o in outs])}
+
+  def time_ids(self, records: Sequence[dict]) -> np.ndarray:
+    """(N, 6) SDXL micro-conditioning of each record's winner image (module docstring)."""
+    from scdpo_jax.data.images import center_crop_box, image_size
+
+    r = self.resolution
+    rows = []
+    for rec in records:
+      if self.time_ids_mode == "resolution":
+        rows.append([r, r, 0, 0, r, r])
+        continue
+      h, w = image_size(rec["image_w"])
+      _, _, top, left = center_crop_box(h, w, r)
+      rows.append([h, w, top, left, r, r])
+    return np.asarray(rows, np.float32).reshape(-1, 6)
+
   def encode_records(self, records: Sequence[dict], record_ids: np.ndarray,
                      flips: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Pair records with images -> latents_w, latents_l, text_states, input_ids (NumPy).
+    """Pair records with images -> latents_w, latents_l, text_states, input_ids (NumPy); SDXL:
+    also pooled_text and time_ids.
 
     `flips` (bool per record) mirrors both images of a pair left-right before encoding.
     """
     prompts = [tfds_pairs.text(r["prompt"]) for r in records]
-    ids = self.tokenize(prompts)
+    text = self.encode_prompts(prompts)
     record_ids = np.asarray(record_ids, np.int32)
     n = len(records)
     out_w, out_l = [], []
@@ -190,8 +283,10 @@ class PairEncoder:
       lat = self.encode_images(imgs, rec, side)
       out_w.append(lat[:hi - lo])
       out_l.append(lat[hi - lo:])
-    return {"latents_w": np.concatenate(out_w), "latents_l": np.concatenate(out_l),
-            "text_states": self.encode_text(ids), "input_ids": ids}
+    out = {"latents_w": np.concatenate(out_w), "latents_l": np.concatenate(out_l), **text}
+    if self.sdxl:
+      out["time_ids"] = self.time_ids(records)
+    return out
 
 
 @dataclasses.dataclass
@@ -262,10 +357,14 @@ def cache_pairs(input_path: str | Path, output_dir: str | Path, encoder: PairEnc
     lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
     records = src.__getitems__(list(range(lo, hi)))
     out = encoder.encode_records(records, np.arange(lo, hi))
-    files.save_npz(path, {"latents_w": out["latents_w"].astype(latent_dtype),
-                        "latents_l": out["latents_l"].astype(latent_dtype),
-                        "text_states": out["text_states"].astype(states_dtype),
-                        "input_ids": out["input_ids"]})
+    arrays = {"latents_w": out["latents_w"].astype(latent_dtype),
+              "latents_l": out["latents_l"].astype(latent_dtype),
+              "text_states": out["text_states"].astype(states_dtype),
+              "input_ids": out["input_ids"]}
+    if "pooled_text" in out:
+      arrays.update(pooled_text=out["pooled_text"].astype(states_dtype),
+                    time_ids=out["time_ids"].astype(np.float32))
+    files.save_npz(path, arrays)
     computed += 1
 
   if pc > 1 and jax.process_count() > 1:
@@ -282,7 +381,10 @@ def cache_pairs(input_path: str | Path, output_dir: str | Path, encoder: PairEnc
       token_length=int(first["input_ids"].shape[1]), images=keep_images,
       latent_shape=tuple(first["latents_w"].shape[1:]),
       text_states_shape=tuple(first["text_states"].shape[1:]), latent_dtype=latent_dtype,
-      states_dtype=states_dtype)
+      states_dtype=states_dtype,
+      pooled_dim=int(first["pooled_text"].shape[1]) if "pooled_text" in first else 0)
+  cached_keys = ("latents_w", "latents_l", "text_states", "input_ids") + (
+      ("pooled_text", "time_ids") if schema.pooled_dim else ())
 
   def examples():
     for c in range(num_chunks):
@@ -291,8 +393,7 @@ def cache_pairs(input_path: str | Path, output_dir: str | Path, encoder: PairEnc
       for i, rec in enumerate(src.__getitems__(list(range(lo, hi)))):
         ex = {k: rec[k] for k in ("pair_id", "prompt", "category", "is_harmful", "hflip_ok",
                                   *tfds_pairs.SCALAR_FLOAT_KEYS)}
-        ex.update({k: arrays[k][i] for k in ("latents_w", "latents_l", "text_states",
-                                             "input_ids")})
+        ex.update({k: arrays[k][i] for k in cached_keys})
         if keep_images:
           ex["image_w"], ex["image_l"] = rec["image_w"], rec["image_l"]
         yield ex
@@ -312,7 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--input", required=True, help="image pair dataset")
   parser.add_argument("--output", required=True, help="new folder for the latent dataset")
-  parser.add_argument("--pretrained", required=True, help="diffusers SD folder")
+  parser.add_argument("--pretrained", required=True, help="diffusers SD or SDXL folder")
+  parser.add_argument("--vae", default="", help="SDXL: another VAE folder (sdxl-vae-fp16-fix)")
+  parser.add_argument("--time_ids", choices=TIME_IDS_MODES, default="crop",
+                      help="SDXL micro-conditioning (module docstring)")
   parser.add_argument("--split", default="train")
   parser.add_argument("--resolution", type=int, default=None)
   parser.add_argument("--latents", choices=LATENT_MODES, default="mean")
@@ -328,7 +432,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   encoder = PairEncoder.from_pretrained(
       args.pretrained, dtype=args.dtype, resolution=args.resolution, latent_mode=args.latents,
-      text_layer=args.text_layer, batch_size=args.batch_size, seed=args.seed)
+      text_layer=args.text_layer, batch_size=args.batch_size, seed=args.seed,
+      **({"vae_folder": args.vae, "time_ids": args.time_ids}
+         if args.vae or args.time_ids != "crop" else {}))
   result = cache_pairs(args.input, args.output, encoder, split=args.split,
                        chunk_size=args.chunk_size, latent_dtype=args.latent_dtype,
                        states_dtype=args.states_dtype, keep_images=args.keep_images,

@@ -44,15 +44,33 @@ def encode_png(image: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
+def center_crop_box(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+  """(new_h, new_w, top, left) of `resize_center_crop` on an h x w image: the shorter side
+  scaled to `size`, then the crop's top-left corner in the resized image (SDXL's
+  `crops_coords_top_left`)."""
+  if (h, w) == (size, size):
+    return size, size, 0, 0
+  scale = size / min(h, w)
+  new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+  return new_h, new_w, (new_h - size) // 2, (new_w - size) // 2
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+  """(height, width) of encoded image bytes (reads the header only)."""
+  try:
+    with Image.open(io.BytesIO(bytes(data))) as img:
+      return img.height, img.width
+  except (OSError, SyntaxError, ValueError) as e:
+    raise UnreadableImageError(f"cannot read the image size ({len(data)} bytes): {e}") from e
+
+
 def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
   """uint8 (H, W, 3) -> uint8 (size, size, 3): bicubic resize of the shorter side, centre crop."""
   h, w = image.shape[:2]
   if (h, w) == (size, size):
     return image
-  scale = size / min(h, w)
-  new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+  new_h, new_w, top, left = center_crop_box(h, w, size)
   resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BICUBIC))
-  top, left = (new_h - size) // 2, (new_w - size) // 2
   return resized[top:top + size, left:left + size]
 
 

@@ -43,7 +43,7 @@ from absl import logging
 
 from scdpo_jax import files
 from scdpo_jax.data import tfds_pairs
-from scdpo_jax.data.batch import FLOAT_KEYS, PAIR_KEYS
+from scdpo_jax.data.batch import FLOAT_KEYS, PAIR_KEYS, XL_KEYS
 from scdpo_jax.data.memory import global_indices
 
 MAX_STEPS = 2 ** 40  # length of the endless step-indexed dataset
@@ -199,17 +199,18 @@ class PairLoader:
       for k in ("latents_w", "latents_l"):
         lat = np.stack([np.asarray(r[k], np.float32) for r in records])
         out[k] = np.where(flips[:, None, None, None], lat[:, :, ::-1], lat)
-      out["text_states"] = np.stack([np.asarray(r["text_states"], np.float32) for r in records])
+      for k in ("text_states",) + (XL_KEYS if self.schema.pooled_dim else ()):
+        out[k] = np.stack([np.asarray(r[k], np.float32) for r in records])
     else:
       out.update({k: v for k, v in self.encoder.encode_records(
-          records, item["indices"], flips).items() if k in PAIR_KEYS})
+          records, item["indices"], flips).items() if k in PAIR_KEYS + XL_KEYS})
     out["is_harmful"] = np.array([int(r["is_harmful"]) for r in records], np.int32)
     for k in FLOAT_KEYS:
       v = np.array([float(r[k]) for r in records], np.float32)
       if k.startswith("cost") and np.isnan(v).any():
         self._unknown_costs(k, records, v)
       out[k] = np.nan_to_num(v, nan=0.0)
-    return {k: out[k] for k in PAIR_KEYS}
+    return {k: out[k] for k in PAIR_KEYS + tuple(k for k in XL_KEYS if k in out)}
 
   def _unknown_costs(self, key: str, records, values: np.ndarray) -> None:
     ids = [tfds_pairs.text(r["pair_id"]) for r, v in zip(records, values) if np.isnan(v)]
@@ -245,11 +246,12 @@ def resolve_dataset_path(name: str, data_dir: str = "") -> Path:
   raise FileNotFoundError(f"pair dataset not found: tried {', '.join(map(str, candidates))}")
 
 
-def check_pair_dataset(data_config, model_folder=None, text_layer: int | None = None) -> None:
+def check_pair_dataset(data_config, model_folder=None, text_layer: int | None = None,
+                       sdxl: bool = False) -> None:
   """Fail early (before models are loaded) unless the configured dataset exists and holds the
-  latents and text states the trainer consumes, cached with the model being trained
-  (`check_cache_matches_model`, when `model_folder` is given). `data_config` has name,
-  data_dir, split."""
+  latents and text states the trainer consumes (for an SDXL model, `sdxl`, also pooled text and
+  time ids), cached with the model being trained (`check_cache_matches_model`, when
+  `model_folder` is given). `data_config` has name, data_dir, split."""
   ds = tfds_pairs.open_pairs(resolve_dataset_path(data_config.name, data_config.data_dir))
   if data_config.split not in ds.splits:
     raise KeyError(f"{ds.path} has no split {data_config.split!r}; splits: {sorted(ds.splits)}")
@@ -257,6 +259,12 @@ def check_pair_dataset(data_config, model_folder=None, text_layer: int | None = 
     raise ValueError(f"{ds.path} holds images, not latents: cache it first with "
                      f"`python -m scdpo_jax.data.cache --input {ds.path} --output <new folder> "
                      "--pretrained <the SD folder you train>`")
+  if bool(ds.schema.pooled_dim) != sdxl:
+    raise CacheMismatchError(
+        f"{ds.path} holds {'SDXL' if ds.schema.pooled_dim else 'SD 1.x/2.x'} conditioning "
+        f"(schema {ds.schema.config_name!r}) but the model being trained is "
+        f"{'SDXL' if sdxl else 'SD 1.x/2.x'}: cache the pairs with the pipeline you train "
+        "(`python -m scdpo_jax.data.cache --pretrained <that folder>`)")
   if model_folder is not None:
     check_cache_matches_model(ds, Path(model_folder), text_layer)
 
@@ -281,7 +289,14 @@ def check_cache_matches_model(ds, model_folder: Path, text_layer: int | None) ->
   if text_layer is not None and "text_layer" in cache and int(cache["text_layer"]) != text_layer:
     problems.append(f"text_layer: cached {cache['text_layer']}, trainer model.text_layer "
                     f"{text_layer}")
-  for component in ("vae", "text_encoder"):
+  components = ["text_encoder"] + (["text_encoder_2"] if "text_encoder_2_identity" in cache
+                                   else [])
+  if cache.get("vae_folder"):  # an external VAE (SDXL's fp16-fix): the trainer does not use it
+    logging.info("%s was cached with the VAE of %s; not compared with %s/vae", ds.path,
+                 cache["vae_folder"], model_folder)
+  else:
+    components.insert(0, "vae")
+  for component in components:
     key = f"{component}_identity"
     if key not in cache:
       logging.warning("%s does not record its %s weights; not checked", ds.path, component)
@@ -315,7 +330,8 @@ def load_all(path: str | Path, split: str = "train") -> dict[str, np.ndarray]:
   src = ds.source(split)
   records = src.__getitems__(list(range(len(src))))
   out = {k: np.stack([np.asarray(r[k], np.float32) for r in records])
-         for k in ("latents_w", "latents_l", "text_states")}
+         for k in ("latents_w", "latents_l", "text_states")
+         + (XL_KEYS if ds.schema.pooled_dim else ())}
   out["is_harmful"] = np.array([int(r["is_harmful"]) for r in records], np.int32)
   for k in FLOAT_KEYS:
     out[k] = np.nan_to_num(np.array([float(r[k]) for r in records], np.float32), nan=0.0)

@@ -13,7 +13,7 @@ import hashlib
 import jax
 import numpy as np
 
-from scdpo_jax.data.batch import FLOAT_KEYS, PAIR_KEYS, validate_batch
+from scdpo_jax.data.batch import FLOAT_KEYS, batch_keys, validate_batch
 
 
 @functools.lru_cache(maxsize=4)
@@ -41,7 +41,8 @@ def global_indices(step: int, global_batch: int, num: int, seed: int,
 
 
 class InMemoryPairs:
-  """Pairs held as NumPy arrays (see `batch.py` for the keys)."""
+  """Pairs held as NumPy arrays (see `batch.py` for the keys; SDXL's `XL_KEYS` are kept when
+  given)."""
 
   def __init__(self, arrays: dict[str, np.ndarray], seed: int = 0, shuffle: bool = True,
                hflip: bool = False, categories=None):
@@ -55,7 +56,7 @@ class InMemoryPairs:
     self._identity: dict = {}
     for k in FLOAT_KEYS:
       arrays.setdefault(k, np.zeros((n,), np.float32))
-    arrays = {k: np.asarray(arrays[k]) for k in PAIR_KEYS}
+    arrays = {k: np.asarray(arrays[k]) for k in batch_keys(arrays)}
     validate_batch(arrays)
     self.arrays = arrays
     self.num_pairs = n

@@ -14,9 +14,14 @@ One record is one preference pair (winner `_w`, loser `_l`) under one prompt:
   image_w/_l   bytes                  encoded image (PNG/JPEG/... as in the source) [schema.images]
   latents_w/_l latent_dtype (h, w, c) VAE latents x scaling_factor, NHWC  [schema.latent_shape]
   text_states  states_dtype (T, D)    text-encoder states of the prompt   [schema.text_states_shape]
+  pooled_text  states_dtype (P,)      SDXL: text_encoder_2's pooled output [schema.pooled_dim]
+  time_ids     float32 (6,)           SDXL: original (h, w), crop (top, left), target (h, w)
+                                      of the cached images                [schema.pooled_dim]
 
 The optional fields make two kinds of datasets: *image pairs* (what the converters and the pair
-builder write) and *latent pairs* (what `cache.py` writes; the trainer's input). Images are stored
+builder write) and *latent pairs* (what `cache.py` writes; the trainer's input). SDXL latent pairs
+(config name "latents_xl") also hold `pooled_text` and `time_ids`, and their `text_states` are
+both encoders' states concatenated; SD 1.x/2.x datasets are unchanged. Images are stored
 as encoded bytes in a `Tensor(shape=(), dtype=object)` feature because `tfds.features.Image`
 needs TensorFlow to encode; ArrayRecord (not TFRecord) is the only format tfds writes without TF.
 
@@ -57,6 +62,7 @@ class PairSchema:
   text_states_shape: tuple[int, int] | None = None
   latent_dtype: str = "float32"
   states_dtype: str = "float32"
+  pooled_dim: int = 0  # SDXL: width of pooled_text (and time_ids are stored); 0 = SD, neither
 
   def __post_init__(self):
     for name in ("latent_dtype", "states_dtype"):
@@ -67,10 +73,14 @@ class PairSchema:
       raise ValueError("a pair dataset needs images or latents (schema has neither)")
     if (self.latent_shape is None) != (self.text_states_shape is None):
       raise ValueError("latents and text states are cached together: give both shapes or none")
+    if self.pooled_dim and self.latent_shape is None:
+      raise ValueError("pooled_dim (SDXL) needs cached latents and text states")
 
   @property
   def config_name(self) -> str:
-    return "latents" if self.latent_shape is not None else "images"
+    if self.latent_shape is None:
+      return "images"
+    return "latents_xl" if self.pooled_dim else "latents"
 
   @property
   def has_latents(self) -> bool:
@@ -93,6 +103,10 @@ class PairSchema:
                                     dtype=np.dtype(self.latent_dtype))
       f["text_states"] = tfds.features.Tensor(shape=tuple(self.text_states_shape),
                                               dtype=np.dtype(self.states_dtype))
+    if self.pooled_dim:
+      f["pooled_text"] = tfds.features.Tensor(shape=(self.pooled_dim,),
+                                              dtype=np.dtype(self.states_dtype))
+      f["time_ids"] = tfds.features.Tensor(shape=(6,), dtype=np.float32)
     return tfds.features.FeaturesDict(f)
 
   @classmethod
@@ -109,6 +123,8 @@ class PairSchema:
       kw["text_states_shape"] = shape("text_states")
       kw["latent_dtype"] = np.dtype(features["latents_w"].np_dtype).name
       kw["states_dtype"] = np.dtype(features["text_states"].np_dtype).name
+    if "pooled_text" in features:
+      kw["pooled_dim"] = shape("pooled_text")[0]
     return cls(**kw)
 
 
@@ -185,6 +201,8 @@ def complete_example(ex: Mapping[str, Any], schema: PairSchema) -> dict[str, Any
     required += ["image_w", "image_l"]
   if schema.has_latents:
     required += ["latents_w", "latents_l", "text_states"]
+  if schema.pooled_dim:
+    required += ["pooled_text", "time_ids"]
   missing = [k for k in required if k not in ex or ex[k] is None]
   if missing:
     raise KeyError(f"pair example {ex.get('pair_id', '?')!r} lacks {missing}")

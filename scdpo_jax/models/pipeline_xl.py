@@ -148,3 +148,10 @@ def random_stable_diffusion_xl(unet_config: dict, vae_config: dict, text_config:
   xl.tokenizer_2 = tokenizer.load_tokenizer(tokenizer_2_folder,
                                             xl.text_encoder_2.config.max_position_embeddings)
   return xl
+
+
+def is_sdxl_folder(folder) -> bool:
+  """True when the diffusers folder's model_index.json names an SDXL pipeline class
+  (`StableDiffusionXLPipeline`, `...Img2ImgPipeline`, ...)."""
+  index = io.read_json(Path(folder) / "model_index.json", "model_index.json")
+  return str(index.get("_class_name", "")).startswith("StableDiffusionXL")

@@ -22,9 +22,9 @@ from absl import logging
 
 from scdpo_jax import files, parallel
 from scdpo_jax.errors import ConfigError
-from scdpo_jax.data.batch import PAIR_KEYS
+from scdpo_jax.data.batch import PAIR_KEYS, batch_keys  # noqa: F401 (PAIR_KEYS: re-exported)
 from scdpo_jax.lora import adapters as lora_adapters
-from scdpo_jax.models import pipeline, tiny, tokenizer, unet_io
+from scdpo_jax.models import conditioning_xl, pipeline, pipeline_xl, tiny, tokenizer, unet_io
 from scdpo_jax.train import optim, resume, state as state_lib
 from scdpo_jax.train.checkpoint import Checkpointer
 from scdpo_jax.train.metrics_writer import MetricsWriter
@@ -78,13 +78,43 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   if config.model.pretrained:
     pipeline.check_pipeline_folder(config.model.pretrained,
                                    ("unet", "text_encoder", "tokenizer", "scheduler"))
+  sdxl = uses_sdxl(config)
+  if config.model.pretrained and sdxl:
+    pipeline.check_pipeline_folder(config.model.pretrained, TRAIN_COMPONENTS_XL,
+                                   known=pipeline_xl.COMPONENTS, what=pipeline_xl.WHAT)
+  if sdxl and int(config.model.text_layer) != -1:
+    raise ConfigError(f"model.text_layer={config.model.text_layer}: SDXL is conditioned as "
+                      "diffusers' encode_prompt does (penultimate states of both text encoders, "
+                      "pooled text_encoder_2 output); model.text_layer (SD 1.x/2.x) must stay -1")
   if config.data.source == "tfds":
     from scdpo_jax.data import loader as tfds_loader
     tfds_loader.check_pair_dataset(config.data, model_folder=config.model.pretrained or None,
-                                   text_layer=int(config.model.text_layer))
+                                   text_layer=None if sdxl else int(config.model.text_layer),
+                                   sdxl=sdxl)
 
 
 # ------------------------------------------------------------------------------ model and data
+
+TRAIN_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+TRAIN_COMPONENTS_XL = TRAIN_COMPONENTS + ("text_encoder_2", "tokenizer_2")
+
+
+def uses_sdxl(config: ml_collections.ConfigDict) -> bool:
+  """Whether the base is SDXL: `model.pretrained`'s model_index.json names an SDXL pipeline, or
+  (no pretrained folder) the tiny pipeline config has a `text_encoder_2`. No other switch."""
+  if config.model.pretrained:
+    return pipeline_xl.is_sdxl_folder(config.model.pretrained)
+  return "text_encoder_2" in (config.model.get("tiny") or {})
+
+
+def load_base(folder: Path, sdxl: bool):
+  """The base pipeline's UNet, text encoder(s), tokenizer(s) and scheduler (fp32, host)."""
+  if sdxl:
+    return pipeline_xl.load_stable_diffusion_xl(folder, TRAIN_COMPONENTS_XL, dtype=jnp.float32,
+                                                param_dtype=jnp.float32)
+  return pipeline.load_stable_diffusion(folder, TRAIN_COMPONENTS, dtype=jnp.float32,
+                                        param_dtype=jnp.float32)
+
 
 def base_model_folder(config: ml_collections.ConfigDict, workdir: Path) -> Path:
   """The pretrained folder, or the tiny random pipeline of `model.tiny` written once into the
@@ -101,6 +131,25 @@ def encode_prompts(sd: pipeline.StableDiffusion, prompts: list[str], layer: int)
   return np.asarray(fn(sd.text_encoder_params, ids), np.float32)
 
 
+def encode_prompts_xl(xl: pipeline_xl.StableDiffusionXL, prompts: list[str]) -> dict:
+  """SDXL conditioning of prompts as the batch carries it: {"text_states" (N, T, D1 + D2),
+  "pooled_text" (N, P)} (`conditioning_xl.encode_prompt_texts`)."""
+  emb = jax.jit(lambda p1, p2, i1, i2: conditioning_xl.encode_prompt(
+      xl.text_encoder, p1, xl.text_encoder_2, p2, i1, i2))(
+          xl.text_encoder_params, xl.text_encoder_2_params,
+          tokenizer.tokenize(xl.tokenizer, prompts), tokenizer.tokenize(xl.tokenizer_2, prompts))
+  return {"text_states": np.asarray(emb.prompt_embeds, np.float32),
+          "pooled_text": np.asarray(emb.pooled_prompt_embeds, np.float32)}
+
+
+def empty_prompt_states(sd, config: ml_collections.ConfigDict):
+  """What caption dropout substitutes: the empty prompt's states (SD: an array (1, T, D); SDXL:
+  {"text_states", "pooled_text"} of "", as the Salesforce `train.py --sdxl` encodes it)."""
+  if isinstance(sd, pipeline_xl.StableDiffusionXL):
+    return encode_prompts_xl(sd, [""])
+  return encode_prompts(sd, [""], config.model.text_layer)
+
+
 def random_pairs(config: ml_collections.ConfigDict, sd: pipeline.StableDiffusion):
   """An in-memory pair source with the base model's shapes (smoke tests, benchmarks)."""
   from scdpo_jax.data.memory import InMemoryPairs
@@ -110,13 +159,22 @@ def random_pairs(config: ml_collections.ConfigDict, sd: pipeline.StableDiffusion
   n = d.num_pairs
   (h, w), c = sd.unet.config.sample_hw, sd.unet.config.in_channels
   prompts = [f"prompt number {i % 16}" for i in range(n)]
-  states = encode_prompts(sd, sorted(set(prompts)), config.model.text_layer)
-  lookup = {p: i for i, p in enumerate(sorted(set(prompts)))}
+  unique = sorted(set(prompts))
+  rows = [{p: i for i, p in enumerate(unique)}[p] for p in prompts]
+  xl = isinstance(sd, pipeline_xl.StableDiffusionXL)
+  cond = (encode_prompts_xl(sd, unique) if xl
+          else {"text_states": encode_prompts(sd, unique, config.model.text_layer)})
+  cond = {k: v[rows] for k, v in cond.items()}
+  if xl:  # SDXL's default micro-conditioning at the latent size x the VAE's factor
+    from scdpo_jax.models.vae_io import load_vae_config
+    f = load_vae_config(sd.folder / "vae").downsample_factor
+    res = (h * f, w * f)
+    cond["time_ids"] = conditioning_xl.add_time_ids(res, (0, 0), res, n)
   harmful = (rng.random(n) < d.harmful_fraction).astype(np.int32)
   arrays = {
       "latents_w": rng.standard_normal((n, h, w, c)).astype(np.float32),
       "latents_l": rng.standard_normal((n, h, w, c)).astype(np.float32),
-      "text_states": states[[lookup[p] for p in prompts]],
+      **cond,
       "is_harmful": harmful,
       "cost_w": (rng.random(n) * 0.3).astype(np.float32),
       "cost_l": np.where(harmful, 0.5 + 0.5 * rng.random(n), 0.3 * rng.random(n)).astype(
@@ -196,9 +254,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
                jax.process_count())
 
   folder = base_model_folder(config, workdir)
-  sd = pipeline.load_stable_diffusion(
-      folder, ("unet", "text_encoder", "tokenizer", "scheduler"),
-      dtype=jnp.float32, param_dtype=jnp.float32)
+  sd = load_base(folder, uses_sdxl(config))
   source = pair_source if pair_source is not None else make_pair_source(config, sd)
 
   step_cfg = state_lib.step_config(t)
@@ -213,7 +269,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
                                       _data_identity(source)), allow)
   for line in accepted:
     logging.warning("resuming with a changed setting (allowed by resume.allow_changes): %s", line)
-  empty_states = encode_prompts(sd, [""], config.model.text_layer)
+  empty_states = empty_prompt_states(sd, config)
 
   ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                       async_save=config.checkpoint.async_save)
@@ -251,7 +307,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
     train_step = make_train_step(apply_fn=policy.apply, ref_apply_fn=reference.apply,
                                  optimizer=optimizer, schedule=sd.schedule, cfg=step_cfg)
   step_program = state_lib.compile_train_step(mesh, spec, train_step,
-                                              {k: example[k] for k in PAIR_KEYS}, empty_states)
+                                              {k: example[k] for k in batch_keys(example)},
+                                              empty_states)
   compile_s = step_program.compile_s
   logging.info("train step compiled in %.1fs", compile_s)
   empty = jax.device_put(empty_states, parallel.replicated(mesh))
@@ -267,7 +324,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
     step = start
     while step < t.num_steps:
       local = source.batch(step, t.pairs_per_step)
-      batch = parallel.global_batch_from_local({k: local[k] for k in PAIR_KEYS}, mesh, spec.rules)
+      batch = parallel.global_batch_from_local({k: local[k] for k in batch_keys(local)}, mesh,
+                                               spec.rules)
       state, metrics = step_program.fn(state, ref_params, batch, empty)
       step += 1
       window_steps += 1

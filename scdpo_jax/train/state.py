@@ -147,10 +147,11 @@ class CompiledStep:
 
 
 def lower_train_step(mesh, spec: TrainStateSpec, train_step: Callable, example_batch: dict,
-                     empty_states: np.ndarray):
+                     empty_states: Any):
   """(lowered program, batch shardings): the step jitted under the logical axis rules, with the
   state donated, lowered for this host-local batch layout (the global batch is `process_count`
-  times `example_batch`)."""
+  times `example_batch`). `empty_states`: the empty prompt's states, an array or (SDXL) a dict
+  (`step.drop_captions`)."""
   batch_shardings = {k: parallel.batch_sharding(mesh, np.ndim(v), spec.rules)
                      for k, v in example_batch.items()}
   repl = parallel.replicated(mesh)
@@ -162,14 +163,14 @@ def lower_train_step(mesh, spec: TrainStateSpec, train_step: Callable, example_b
                   for k, v in example_batch.items()}
   ref = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                      spec.abstract_ref_params, spec.ref_shardings)
-  lowered = jitted.lower(spec.abstract_state_with_shardings(), ref, global_batch,
-                         jax.ShapeDtypeStruct(empty_states.shape, empty_states.dtype,
-                                              sharding=repl))
+  empty = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                                      sharding=repl), empty_states)
+  lowered = jitted.lower(spec.abstract_state_with_shardings(), ref, global_batch, empty)
   return lowered, batch_shardings
 
 
 def compile_train_step(mesh, spec: TrainStateSpec, train_step: Callable, example_batch: dict,
-                       empty_states: np.ndarray) -> CompiledStep:
+                       empty_states: Any) -> CompiledStep:
   """`lower_train_step`, then AOT-compile (the seconds are reported as `compile_s`)."""
   t0 = time.time()
   lowered, batch_shardings = lower_train_step(mesh, spec, train_step, example_batch,

@@ -4,7 +4,9 @@ One step consumes the global batch of `pairs_per_step` pairs as `grad_accum` mic
 (`lax.scan`), so effective batches of thousands of pairs fit in memory. For every micro-batch:
 
 1. caption dropout: with probability `caption_dropout` a pair's text states become the empty
-   prompt's (as the public Diffusion-DPO code's `proportion_empty_prompts`);
+   prompt's (as the public Diffusion-DPO code's `proportion_empty_prompts`; on SDXL both the
+   states and the pooled embedding become the empty prompt's, the time ids stay: the Salesforce
+   `train.py --sdxl` replaces the caption by "" before `encode_prompt_sdxl`);
 2. one timestep t ~ U{0..T-1} and one noise eps per pair, **shared by winner and loser** (drawn
    for the global batch before the split, so results do not depend on `grad_accum`);
 3. the policy UNet (fp32 master weights, compute in `model.dtype`) and the frozen reference UNet
@@ -13,6 +15,11 @@ One step consumes the global batch of `pairs_per_step` pairs as `grad_accum` mic
 4. per-pair MSEs -> DPO logit (+ cost margin for variants B/C) -> per-pair loss and focusing
    weights -> weighted sums, all by the functions of `losses.py` (the ones the tests check); the
    normalisation by sum(w) is exact across micro-batches.
+
+Text conditioning (`text_conditioning`) is a small pytree: {"text_states"} for SD 1.x/2.x, plus
+"pooled_text" and "time_ids" for SDXL, whose UNet calls then get `added_cond_kwargs`
+(`conditioning_xl.added_cond_kwargs`); `empty_states` is the empty prompt's states (an array) or,
+for SDXL, {"text_states", "pooled_text"}. SD programs are the same as before (the same ops).
 
 A step whose loss or gradients are not finite leaves params and optimizer state unchanged and
 increments `state.skipped`. Randomness is `fold_in(rng, step)`, so a resumed run draws the same
@@ -29,7 +36,7 @@ import optax
 from flax import struct
 
 from scdpo_jax.errors import ConfigError, check_choice
-from scdpo_jax.models import schedule as sch
+from scdpo_jax.models import conditioning_xl, schedule as sch
 from scdpo_jax.train import losses as L
 
 LOSS_TYPES = ("dpo", "sft")
@@ -93,10 +100,40 @@ def _tree_norm(tree) -> jax.Array:
   return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
-def _pair_forward(apply_fn, params, x_w, x_l, t, states):
-  """One UNet call on [x_w ; x_l] (shared t and text), returned as (pred_w, pred_l)."""
+COND_KEYS = ("text_states", "pooled_text", "time_ids")  # batch keys the UNet is conditioned on
+DROPPED_KEYS = ("text_states", "pooled_text")  # replaced by the empty prompt's in caption dropout
+
+
+def text_conditioning(batch: dict) -> dict:
+  """The UNet's text conditioning of a batch: {"text_states"} (SD), + "pooled_text", "time_ids"
+  (SDXL, `data.batch.XL_KEYS`)."""
+  return {k: batch[k] for k in COND_KEYS if k in batch}
+
+
+def drop_captions(cond: dict, drop: jax.Array, empty_states) -> dict:
+  """Rows with `drop` take the empty prompt's states (and pooled embedding); time ids stay."""
+  empty = empty_states if isinstance(empty_states, dict) else {"text_states": empty_states}
+  out = dict(cond)
+  for key in DROPPED_KEYS:
+    if key in cond:
+      if key not in empty:
+        raise ValueError(f"caption dropout: the batch has {key!r} but empty_states does not")
+      x = cond[key]
+      mask = drop.reshape(drop.shape + (1,) * (x.ndim - 1))
+      out[key] = jnp.where(mask, empty[key].astype(x.dtype), x)
+  return out
+
+
+def _pair_forward(apply_fn, params, x_w, x_l, t, cond):
+  """One UNet call on [x_w ; x_l] (shared t and text), returned as (pred_w, pred_l). `cond`: the
+  text states (array) or a `text_conditioning` pytree (SDXL: also `added_cond_kwargs`)."""
+  cond = cond if isinstance(cond, dict) else {"text_states": cond}
+  twice = {k: jnp.concatenate([v, v]) for k, v in cond.items()}
+  extra = ()
+  if "pooled_text" in twice:
+    extra = (conditioning_xl.added_cond_kwargs(twice["pooled_text"], twice["time_ids"]),)
   pred = apply_fn({"params": params}, jnp.concatenate([x_w, x_l]), jnp.concatenate([t, t]),
-                  jnp.concatenate([states, states]))
+                  twice["text_states"], *extra)
   return jnp.split(pred, 2)
 
 
@@ -120,10 +157,9 @@ def micro_batch_terms(params, ref_params, batch, lam, gamma, *, apply_fn, ref_ap
                       schedule: sch.NoiseSchedule, empty_states, cfg: StepConfig):
   """(weighted loss sum, (weight sum, per-pair metrics)) for one micro-batch."""
   b = batch["latents_w"].shape[0]
-  states = batch["text_states"]
+  states = text_conditioning(batch)
   if cfg.caption_dropout > 0:
-    states = jnp.where(batch["drop_caption"][:, None, None], empty_states.astype(states.dtype),
-                       states)
+    states = drop_captions(states, batch["drop_caption"], empty_states)
   t, noise = batch["t"], batch["noise"]
   x0_w, x0_l = batch["latents_w"], batch["latents_l"]
   cost_w, cost_l = batch["cost_w"], batch["cost_l"]
