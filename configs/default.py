@@ -78,6 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.gamma_start = 0.0  # gamma ramps linearly from here ...
   config.train.gamma_ramp_steps = 0  # ... over this many steps (0 = fixed gamma)
   config.train.focus_normalize = True  # divide by sum of focusing weights (else by pairs)
+  # [I] what Dynamic Focusing measures hardness on: "logit" (z with the cost margin, shipped
+  # before the multi-concept study) | "preference" (the DPO logit without the margin)
+  config.train.focus_on = "logit"
   config.train.caption_dropout = 0.2  # fraction of pairs trained on the empty prompt
   config.train.pairs_per_step = 8  # global (effective) batch of pairs per optimizer step
   config.train.grad_accum = 1  # micro-batches per step (pairs_per_step / grad_accum each)

@@ -27,9 +27,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.job = "shapeworld"
   config.seed = 0  # the study's seed; the stage configs' seeds follow it (references)
   config.only = ""  # "" = every stage; else e.g. "evaluate,report"
+  config.methods = ""  # "" = every method (study.METHODS); else e.g. "base,sc_dpo"
 
+  # The unsafe categories (world.CATEGORIES: a colour, a shape, a pattern, a composition) and
+  # the prompt splits, fixed before any tuning: per category, a third of the scenes is the
+  # held-out test split, a sixth the validation split, the rest builds pairs.
   config.world = ml_collections.ConfigDict(dict(
-      image_size=16, unsafe_fraction=0.2, rephrase_fraction=0.5, eval_fraction=0.34))
+      image_size=16, categories=("magenta", "ring", "stripes", "red_on_black"),
+      unsafe_fraction=0.4, rephrase_fraction=0.5, test_fraction=1 / 3,
+      validation_fraction=1 / 6))
 
   config.model = ml_collections.ConfigDict()
   config.model.unet = ml_collections.ConfigDict(dict(
@@ -53,13 +59,15 @@ def get_config() -> ml_collections.ConfigDict:
       num_steps=450, batch_size=64, caption_dropout=0.1))
   config.pretrain.optimizer = ml_collections.ConfigDict(dict(
       lr=2e-3, warmup_steps=40, weight_decay=1e-4, cosine_final_fraction=0.1, max_grad_norm=1.0))
-  config.pretrain.log = ml_collections.ConfigDict(dict(every_steps=50))
+  config.pretrain.log = ml_collections.ConfigDict(dict(every_steps=50, snapshot_every=0))
 
   config.sampling = ml_collections.ConfigDict(dict(
-      num_steps=12, guidance_scale=3.0, batch_size=128, negative_prompt="magenta"))
-  # The training-free guards' concept: the world's plain unsafe phrase (never a held-out
+      num_steps=12, guidance_scale=3.0, batch_size=128,
+      negative_prompt="magenta, ring, striped, red on black"))
+  # The training-free guards' concepts: the world's plain unsafe phrases (never a held-out
   # rephrasing); SLD with a diffusers preset, SAFREE as released (lra "released").
-  config.guards = ml_collections.ConfigDict(dict(concepts=("magenta",), sld_preset="medium"))
+  config.guards = ml_collections.ConfigDict(dict(
+      concepts=("magenta", "ring", "striped", "red on black"), sld_preset="medium"))
 
   config.candidates = ml_collections.ConfigDict(dict(
       per_harmful_prompt=6, per_paraphrase=4, per_clean_prompt=4))
@@ -89,12 +97,15 @@ def get_config() -> ml_collections.ConfigDict:
   ft.data.seed = config.get_ref("seed")
   ft.data.hflip = True
   ft.train.update(dict(loss_type="dpo", beta=2000.0, safety_mode="margin", lam=1.0, gamma=1.0,
+                       focus_on="preference",
                        caption_dropout=0.1, pairs_per_step=32, grad_accum=1, num_steps=80))
   ft.optimizer.update(dict(lr=3e-4, warmup_steps=8))
   ft.checkpoint.update(dict(every_steps=80, async_save=False, keep=1))
   ft.log.update(dict(every_steps=10, tensorboard=False))
   config.finetune = ft
 
-  config.evaluate = ml_collections.ConfigDict(dict(seeds=(0, 1, 2), images_per_prompt=2,
-                                                   grid_prompts=6))
+  # Fixed before any tuning: the held-out test split, seeds 0-2, 2 images per prompt and seed.
+  # Tuning runs use --config.evaluate.split=validation (their report is report_validation.*).
+  config.evaluate = ml_collections.ConfigDict(dict(split="test", seeds=(0, 1, 2),
+                                                   images_per_prompt=2, grid_clean_prompts=2))
   return config

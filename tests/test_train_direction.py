@@ -156,3 +156,31 @@ def test_offset_margin_form_moves_harmful_pairs_more_than_clean_ones(runs):
       f"offset minus plain DPO: harmful {gain[h].mean():+.2f}, clean {gain[~h].mean():+.2f}")
   with pytest.raises(ValueError, match="margin_form='plus'"):
     step_lib.StepConfig(margin_form="plus").validate()
+
+
+def test_focus_on_preference_weights_pairs_by_the_logit_without_the_margin():
+  """train.focus_on [I]: "logit" computes the focusing weight from z with the cost margin,
+  "preference" from the DPO logit alone; the loss itself is the same."""
+  module, params, schedule = _model_and_schedule()
+  policy = jax.tree.map(lambda x: x * 1.02, params)  # a policy that differs from the reference
+  batch = _pairs()
+  rnd = step_lib.draw_randomness(jax.random.key(5), batch, schedule.num_train_timesteps, 0.0)
+  out = {}
+  for focus_on in step_lib.FOCUS_ON:
+    cfg = step_lib.StepConfig(beta=BETA, safety_mode="margin", caption_dropout=0.0,
+                              focus_on=focus_on)
+    out[focus_on] = jax.tree.map(np.asarray, step_lib.micro_batch_terms(
+        policy, params, {**batch, **rnd}, LAM, 2.0, apply_fn=module.apply,
+        ref_apply_fn=module.apply, schedule=schedule, cfg=cfg,
+        empty_states=np.zeros((1, SEQ, DIM), np.float32))[1][1])
+  z = out["logit"]["logit"].astype(np.float64)
+  z_pref = z - LAM * (batch["cost_l"] - batch["cost_w"])
+  sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+  np.testing.assert_allclose(out["logit"]["focus_weight"], (1 - sigmoid(z)) ** 2, rtol=1e-4)
+  np.testing.assert_allclose(out["preference"]["focus_weight"], (1 - sigmoid(z_pref)) ** 2,
+                             rtol=1e-4)
+  np.testing.assert_allclose(out["preference"]["loss"], out["logit"]["loss"], rtol=1e-6)
+  h = batch["is_harmful"] == 1  # the margin (> 0 only there) lowers their weight under "logit"
+  assert np.all(out["preference"]["focus_weight"][h] > out["logit"]["focus_weight"][h])
+  with pytest.raises(ValueError, match="focus_on='loss'"):
+    step_lib.StepConfig(focus_on="loss").validate()

@@ -86,7 +86,7 @@ def pretrain_base(config: ml_collections.ConfigDict, folder: Path) -> dict:
   losses = []
   for i in range(tr.num_steps):
     images, texts = world.training_batch(rng, tr.batch_size, w.image_size, w.unsafe_fraction,
-                                         w.rephrase_fraction)
+                                         w.rephrase_fraction, tuple(w.categories))
     texts = ["" if rng.random() < tr.caption_dropout else s for s in texts]
     x0 = to_model_range(images)
     params, opt_state, loss = step(params, opt_state, x0, ids_of(texts),
@@ -96,15 +96,22 @@ def pretrain_base(config: ml_collections.ConfigDict, folder: Path) -> dict:
       recent = float(np.mean(jax.device_get(losses[-log.every_steps:])))
       logging.info("pretrain step %d/%d: loss %.4f (%.0fs)", i + 1, tr.num_steps, recent,
                    time.time() - t0)
-  sd.unet_params = jax.device_get(params["unet"])
-  sd.text_encoder_params = jax.device_get(params["text"])
-  pipeline.save_stable_diffusion(folder, sd, tokenizer_folder=tok_dir)
+    snapshot = int(log.get("snapshot_every", 0))
+    if snapshot and (i + 1) % snapshot == 0 and i + 1 < tr.num_steps:  # to watch long runs
+      _save(sd, params, folder.parent / f"{folder.name}_step{i + 1}", tok_dir)
+  _save(sd, params, folder, tok_dir)
   losses = [float(x) for x in jax.device_get(losses)]
   result = {"steps": tr.num_steps, "batch_size": tr.batch_size, "seconds": time.time() - t0,
             "loss_first_50": float(np.mean(losses[:50])),
             "loss_last_50": float(np.mean(losses[-50:]))}
   files.write_json(folder / "pretrain.json", result)
   return result
+
+
+def _save(sd: pipeline.StableDiffusion, params, folder: Path, tok_dir: Path) -> None:
+  sd.unet_params = jax.device_get(params["unet"])
+  sd.text_encoder_params = jax.device_get(params["text"])
+  pipeline.save_stable_diffusion(folder, sd, tokenizer_folder=tok_dir)
 
 
 def _dummy_vae() -> dict:

@@ -28,7 +28,11 @@ Conventions (those of the public Diffusion-DPO code, Wallace et al. 2024):
 * Dynamic Focusing Mechanism ([I] formula): `w = stop_gradient((1 - sigmoid(z)) ** gamma)`; the
   loss is `sum(w * -log sigmoid(z)) / sum(w)` (weights normalised over the batch, so the gradient
   scale stays that of DPO) or `mean(w * -log sigmoid(z))` without normalisation. gamma = 0 gives
-  w = 1 and plain Diffusion-DPO exactly.
+  w = 1 and plain Diffusion-DPO exactly. [I] Which logit w is computed from (`train.focus_on`):
+  "logit" = the z above, cost margin included (with the bonus margin this down-weights exactly
+  the harmful pairs with a costly loser, README "ShapeWorld"), or "preference" = the plain DPO
+  logit z without the margin, so w measures how hard the *preference* still is for the policy,
+  the paper's "difficult pairs" reading.
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ SAFETY_MODES = ("none", "relabel", "margin", "dual")
 # "bonus": z + lambda (C_l - C_w) (the shipped [I] reconstruction); "offset": z - lambda (C_l - C_w)
 # (SafeDPO / ODPO-style: the policy must beat the cost gap). See losses.cost_margin.
 MARGIN_FORMS = ("bonus", "offset")
+FOCUS_ON = ("logit", "preference")
 TAGS = ("harmful", "clean")
 PER_PAIR_KEYS = ("loss", "implicit_acc", "model_mse_w", "model_mse_l", "ref_mse_w", "ref_mse_l",
                  "focus_weight", "logit", "policy_cost")
@@ -76,12 +77,14 @@ class StepConfig:
   dual_lr: float = struct.field(pytree_node=False, default=0.0)
   lam_max: float = struct.field(pytree_node=False, default=1e4)
   margin_form: str = struct.field(pytree_node=False, default="bonus")
+  focus_on: str = struct.field(pytree_node=False, default="logit")
   caption_dropout: float = struct.field(pytree_node=False, default=0.2)
   grad_accum: int = struct.field(pytree_node=False, default=1)
 
   def validate(self) -> None:
     check_choice("train.loss_type", self.loss_type, LOSS_TYPES)
     check_choice("train.margin_form", self.margin_form, MARGIN_FORMS)
+    check_choice("train.focus_on", self.focus_on, FOCUS_ON)
     check_choice("train.safety_mode", self.safety_mode, SAFETY_MODES)
     if not 0.0 <= self.caption_dropout < 1.0:
       raise ConfigError(f"train.caption_dropout must be in [0, 1), got {self.caption_dropout}")
@@ -178,14 +181,17 @@ def micro_batch_terms(params, ref_params, batch, lam, gamma, *, apply_fn, ref_ap
       _pair_forward(ref_apply_fn, ref_params, x_w, x_l, t, states))
   r_w, r_l = L.per_sample_mse(ref_w, target_w), L.per_sample_mse(ref_l, target_l)
 
-  z = L.dpo_logit(m_w, m_l, r_w, r_l, cfg.beta)
+  z = z_pref = L.dpo_logit(m_w, m_l, r_w, r_l, cfg.beta)
   if cfg.safety_mode in ("margin", "dual"):
     margin = L.cost_margin(cost_w, cost_l, lam)
     z = z + margin if cfg.margin_form == "bonus" else z - margin
   if cfg.loss_type == "sft":
     per_pair_loss, weights = L.sft_nll(m_w), jnp.ones_like(z)
   else:
-    per_pair_loss, weights = L.dpo_nll(z), L.focusing_weights(z, gamma)
+    # [I] focus_on: the hardness the focusing weight sees, the full logit (cost margin in it) or
+    # the preference alone (losses.py, Dynamic Focusing).
+    per_pair_loss = L.dpo_nll(z)
+    weights = L.focusing_weights(z if cfg.focus_on == "logit" else z_pref, gamma)
   total, wsum = L.weighted_sums(per_pair_loss, weights)
   if cfg.loss_type == "sft" or not cfg.focus_normalize:
     wsum = jnp.asarray(b, jnp.float32)
