@@ -73,8 +73,9 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   if config.data.source not in DATA_SOURCES:
     raise ConfigError(f"data.source={config.data.source!r}; supported: {DATA_SOURCES}")
   if not config.model.pretrained and config.model.get("tiny") is None:
-    raise ConfigError("model.pretrained must name a diffusers-format Stable Diffusion folder "
-                     "(--config.model.pretrained=/path/to/stable-diffusion-v1-5)")
+    raise ConfigError("model.pretrained must name a diffusers-format Stable Diffusion (1.x, 2.x "
+                     "or XL) folder (--config.model.pretrained=/path/to/stable-diffusion-v1-5 "
+                     "or /path/to/stable-diffusion-xl-base-1.0)")
   if config.model.pretrained:
     pipeline.check_pipeline_folder(config.model.pretrained,
                                    ("unet", "text_encoder", "tokenizer", "scheduler"))
