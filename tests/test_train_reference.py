@@ -17,8 +17,9 @@ read exactly from the real jitted `train_step` through an optimizer whose state 
 gradient. Two model pairs: the tiny diffusers UNet, and a one-conv toy denoiser (same step and
 loss code; it compiles in about a second, so tests/mutation_check.py runs its cases).
 
-Tolerance, relative to the largest value compared (fp32): UNet 1e-5, measured (2-core CPU)
-loss <= 8e-7, per-pair logits <= 6e-6, gradients <= 6e-6; toy 5e-5, measured gradients
+Tolerance, relative to the largest value compared (fp32): UNet 2e-5, measured (2-core CPU)
+loss <= 8e-7, per-pair logits <= 6e-6 (1.07e-5 in one case on another 2-core machine, which
+failed the earlier 1e-5), gradients <= 6e-6; toy 5e-5, measured gradients
 <= 1.4e-5 (its few parameters each sum the whole batch, with cancellation between winner and
 loser). `pytest -s` prints the errors per case. Every configuration is compiled once and shared
 by its cases: gamma is ramped (`gamma_ramp_steps`), so one program gives gamma = 0 at step 0
@@ -47,7 +48,7 @@ from scdpo_jax.models.unet_config import UNetConfig
 from scdpo_jax.train import step as step_lib
 from tests.torch_refs import nchw_to_nhwc, nhwc_to_nchw
 
-TOL = {"unet": 1e-5, "toy": 5e-5}  # relative; see the module docstring
+TOL = {"unet": 2e-5, "toy": 5e-5}  # relative; see the module docstring
 N_PAIRS, SEQ, DIM, SIZE = 8, 7, 32, 8
 UNET = dict(sample_size=SIZE, in_channels=4, out_channels=4, block_out_channels=(32,),
             layers_per_block=1, cross_attention_dim=DIM, attention_head_dim=4,
