@@ -32,6 +32,25 @@ def _bytes(abstract, shardings) -> tuple[int, int]:
   return total, max(per_device.values())
 
 
+def _transformers_adafactor_bytes(abstract_params) -> int:
+  """Bytes of transformers.Adafactor's state (beta1=None) for these parameters, from PyTorch's
+  rule on PyTorch layouts: a tensor of rank >= 2 keeps exp_avg_sq_row = shape[:-1] and
+  exp_avg_sq_col = shape[:-2] + shape[-1:], a smaller one the full exp_avg_sq (fp32). Our Dense
+  kernel (in, out) is PyTorch's (out, in), our conv kernel (kh, kw, in, out) is (out, in, kh, kw)."""
+  import jax
+  import numpy as np
+
+  total = 0
+  for leaf in jax.tree.leaves(abstract_params):
+    shape = tuple(leaf.shape)
+    torch_shape = {2: lambda s: (s[1], s[0]), 4: lambda s: (s[3], s[2], s[0], s[1])}.get(
+        len(shape), lambda s: s)(shape)
+    n = (math.prod(torch_shape[:-1]) + math.prod(torch_shape[:-2]) * torch_shape[-1]
+         if len(shape) >= 2 else math.prod(shape))
+    total += n * np.dtype(leaf.dtype).itemsize
+  return total
+
+
 def main(config_path: str, out_path: str) -> None:
   import jax
 
@@ -56,6 +75,8 @@ def main(config_path: str, out_path: str) -> None:
     opt = _bytes(spec.abstract_state.opt_state, spec.state_shardings.opt_state)
     ref = _bytes(spec.abstract_ref_params, spec.ref_shardings)
     result[name] = {
+        "transformers_adafactor_bytes": _transformers_adafactor_bytes(
+            spec.abstract_state.params),
         "num_params": sum(math.prod(x.shape) for x in jax.tree.leaves(spec.abstract_state.params)),
         "param_bytes": params[0], "param_bytes_per_device": params[1],
         "opt_bytes": opt[0], "opt_bytes_per_device": opt[1],

@@ -317,8 +317,14 @@ def test_sdxl_train_state_fits_80gb_on_fsdp8(tmp_path):
   assert per_device <= BUDGET_BYTES_PER_DEVICE
   # fsdp really shards: within 1 % of an even split (measured 4.509 GB vs 4.493 GB).
   assert per_device <= 1.01 * total / 8
-  ada = result["adafactor"]  # Diffusion-DPO's SDXL optimizer: factored moments, a few MB
-  assert ada["opt_bytes"] < 0.01 * ada["param_bytes"]
+  # Diffusion-DPO's SDXL optimizer, transformers.Adafactor: factored second moments over the
+  # last two PyTorch axes, which for a conv kernel are (kh, kw), so conv layers keep 2/3 of their
+  # size (measured: 0.98 GB of state for 10.27 GB of fp32 parameters). Our state must be exactly
+  # PyTorch's rule applied to PyTorch's layouts, plus per-leaf (1,) placeholders and the count.
+  ada = result["adafactor"]
+  expected = ada["transformers_adafactor_bytes"]
+  assert expected <= ada["opt_bytes"] <= expected + 4 * 3 * 4096, (ada["opt_bytes"], expected)
+  assert ada["opt_bytes"] < 0.1 * ada["param_bytes"]
 
 
 def test_tiny_random_sdxl_folder_loads_in_diffusers(tmp_path):
