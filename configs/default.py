@@ -81,6 +81,11 @@ def get_config() -> ml_collections.ConfigDict:
   # [I] what Dynamic Focusing measures hardness on: "logit" (z with the cost margin, shipped
   # before the multi-concept study) | "preference" (the DPO logit without the margin)
   config.train.focus_on = "logit"
+  # Diffusion-SDPO winner-preserving safeguard (AIDC-AI/Diffusion-SDPO, arXiv 2511.03317) on any
+  # loss_type "dpo" config: the loser's gradient is scaled by a detached lambda in [0, 1] per
+  # micro-batch; mu in [0, 1] is its margin. 0 = off (the default; the official mu = 0, "on with
+  # no margin", is not selectable). Released launchers: SD1.5 Diffusion-DPO 0.9, SDXL 0.6.
+  config.train.sdpo_mu = 0.0
   config.train.caption_dropout = 0.2  # fraction of pairs trained on the empty prompt
   config.train.pairs_per_step = 8  # global (effective) batch of pairs per optimizer step
   config.train.grad_accum = 1  # micro-batches per step (pairs_per_step / grad_accum each)

@@ -68,6 +68,13 @@ MUTATIONS = (
              ((STEP, "jax.lax.scan(body, init, micro)",
                "jax.lax.scan(body, init, jax.tree.map(lambda x: x[1:], micro))"),),
              (f"{REF}[relabel_accum2-step0-toy]",)),
+    Mutation("sdpo_winner", "Diffusion-SDPO lambda scales the winner's gradient, not the loser's",
+             ((STEP, "m_l = L.sdpo_scale_loser_grad(m_l, sdpo_lam)",
+               "m_w = L.sdpo_scale_loser_grad(m_w, sdpo_lam)"),),
+             (f"{REF}[sdpo_none-step0-toy]",)),
+    Mutation("sdpo_margin", "Diffusion-SDPO margin used as mu instead of (1 - mu)",
+             ((LOSSES, "(1.0 - mu) * num / (dot", "mu * num / (dot"),),
+             (f"{REF}[sdpo_none-step0-toy]",)),
 )
 
 COPIED = ("scdpo_jax", "tests", "configs", "pyproject.toml")

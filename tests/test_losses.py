@@ -144,6 +144,126 @@ def test_sft_gradient():
   np.testing.assert_allclose(jax.grad(L.sft_loss)(mw), np.full(B, 1.0 / B), rtol=1e-6)
 
 
+# ------------------------------------------------------------------------------ Diffusion-SDPO
+
+def np_sdpo_lambda(pw, tw, pl, tl, mu, eps=1e-9):
+  """AIDC-AI/Diffusion-SDPO get_adaptive_lose_l_scale in NumPy (float64): output-space gradients
+  gA = dA/dpred_w, gB = dB/dpred_l of A = mean((pred_w - t_w)^2), B = mean((pred_l - t_l)^2)."""
+  rw, rl = pw.astype(np.float64) - tw, pl.astype(np.float64) - tl
+  ga, gb = 2 * rw / rw.size, 2 * rl / rl.size
+  num, den = np.sum(ga * ga), np.sum(gb * ga)
+  lam = (1 - mu) * num / (den + eps) if den > 0 else 1.0
+  return float(np.clip(lam, 0.0, 1.0))
+
+
+def _sdpo_batch(corr=0.5, shape=(4, 3, 5, 2), seed=1):
+  """Winner/loser predictions whose residuals against a shared noise are correlated by `corr`."""
+  rng = np.random.default_rng(seed)
+  noise = rng.normal(size=shape).astype(np.float32)
+  rw = rng.normal(size=shape)
+  rl = corr * rw + np.sqrt(1 - corr ** 2) * rng.normal(size=shape)
+  return ((noise + rw).astype(np.float32), noise, (noise + rl).astype(np.float32), noise)
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.3, 0.6, 0.9, 1.0])
+@pytest.mark.parametrize("corr", [0.95, 0.5, 0.1, -0.5])
+def test_sdpo_lambda_matches_numpy(mu, corr):
+  pw, tw, pl, tl = _sdpo_batch(corr)
+  lam = float(L.sdpo_loser_scale(pw, tw, pl, tl, mu))
+  ref = np_sdpo_lambda(pw, tw, pl, tl, mu)
+  np.testing.assert_allclose(lam, ref, rtol=1e-5, atol=1e-7)
+  rw, rl = pw.astype(np.float64) - tw, pl.astype(np.float64) - tl
+  if np.sum(rl * rw) <= 0:
+    assert lam == 1.0  # anti-aligned gradients: the loser is not scaled
+  elif mu == 1.0:
+    assert lam == 0.0  # the whole margin: no loser gradient when aligned
+
+
+def test_sdpo_lambda_branches():
+  """dot > 0 unclipped, clipped at 1 and at 0; dot = 0 exactly and dot < 0 give 1."""
+  pw, tw, pl, tl = _sdpo_batch(0.95)  # nearly aligned: num / dot ~ 1 -> (1 - mu) unclipped
+  lam = float(L.sdpo_loser_scale(pw, tw, pl, tl, 0.6))
+  assert 0.0 < lam < 1.0
+  np.testing.assert_allclose(lam, np_sdpo_lambda(pw, tw, pl, tl, 0.6), rtol=1e-5)
+  # A loser residual much smaller than the winner's, same direction: (1 - mu) num / dot >> 1.
+  tw = np.zeros((2, 8), np.float32)
+  pw = np.ones((2, 8), np.float32)
+  assert float(L.sdpo_loser_scale(pw, tw, 0.01 * pw, tw, 0.5)) == 1.0
+  assert np_sdpo_lambda(pw, tw, 0.01 * pw, tw, 0.5) == 1.0
+  # mu = 1 with aligned gradients: clipped to exactly 0 (the official clamp(min=0)).
+  assert float(L.sdpo_loser_scale(pw, tw, 3.0 * pw, tw, 1.0)) == 0.0
+  # Orthogonal residuals (disjoint supports): dot = 0 exactly -> 1 whatever mu.
+  rw = np.zeros((2, 8), np.float32)
+  rw[:, :4] = 1.0
+  assert float(L.sdpo_loser_scale(rw, tw, 1.0 - rw, tw, 0.9)) == 1.0
+  # Anti-aligned residuals: dot < 0 -> 1.
+  assert float(L.sdpo_loser_scale(pw, tw, -pw, tw, 0.9)) == 1.0
+  # A loser whose residual is 0 gives dot = 0 -> 1 (and its MSE gradient is 0 anyway).
+  assert float(L.sdpo_loser_scale(pw, tw, tw, tw, 0.0)) == 1.0
+  # The eps of the official code is added to the 2/N-scaled gradients' dot product: for tiny
+  # residuals it dominates (plain sums would give num / dot = 10, clipped to 1).
+  pw, pl = np.full((2, 8), 1e-5, np.float32), np.full((2, 8), 1e-6, np.float32)
+  got = float(L.sdpo_loser_scale(pw, tw, pl, tw, 0.0))
+  np.testing.assert_allclose(got, np_sdpo_lambda(pw, tw, pl, tw, 0.0), rtol=1e-4)
+  assert 0.0 < got < 0.1
+
+
+def test_sdpo_scaled_loser_mse_value_and_gradient():
+  ml = jnp.asarray(_mse_terms()[1])
+  for lam in (0.0, 0.25, 1.0):
+    out = L.sdpo_scale_loser_grad(ml, lam)
+    np.testing.assert_array_equal(out, ml)  # forward value exactly m_l
+    g = jax.grad(lambda m: jnp.sum(jnp.arange(B) * L.sdpo_scale_loser_grad(m, lam)))(ml)
+    np.testing.assert_allclose(g, lam * np.arange(B), rtol=1e-6)
+  # lambda is a constant even when it is a traced function of the input
+  g = jax.grad(lambda m: jnp.sum(L.sdpo_scale_loser_grad(m, jnp.mean(m))))(ml)
+  np.testing.assert_allclose(g, np.full(B, float(jnp.mean(ml))), rtol=1e-6)
+
+
+@pytest.mark.parametrize("mu", [0.6, 0.9])
+def test_sdpo_gradient_is_lambda_times_the_loser_gradient(mu):
+  """d/dpred_l of the DPO loss with m_l' is lambda times that of plain DPO; d/dpred_w and the
+  loss value are unchanged (lambda is detached, though it is a function of both predictions)."""
+  pw, tw, pl, tl = (jnp.asarray(x) for x in _sdpo_batch(0.9))
+  rng = np.random.default_rng(3)
+  ref_w, ref_l = (jnp.asarray(x + 0.1 * rng.normal(size=x.shape), jnp.float32) for x in (pw, pl))
+  beta = 10.0
+
+  def loss(pred_w, pred_l, sdpo):
+    m_w, m_l = L.per_sample_mse(pred_w, tw), L.per_sample_mse(pred_l, tl)
+    if sdpo:
+      m_l = L.sdpo_scale_loser_grad(m_l, L.sdpo_loser_scale(pred_w, tw, pred_l, tl, mu))
+    r_w, r_l = L.per_sample_mse(ref_w, tw), L.per_sample_mse(ref_l, tl)
+    return L.diffusion_dpo_loss(L.dpo_logit(m_w, m_l, r_w, r_l, beta))
+
+  lam = float(L.sdpo_loser_scale(pw, tw, pl, tl, mu))
+  assert 0.0 < lam < 1.0
+  (v0, (gw0, gl0)) = jax.value_and_grad(loss, argnums=(0, 1))(pw, pl, False)
+  (v1, (gw1, gl1)) = jax.value_and_grad(loss, argnums=(0, 1))(pw, pl, True)
+  assert float(v1) == float(v0)
+  np.testing.assert_array_equal(gw1, gw0)
+  np.testing.assert_allclose(gl1, lam * np.asarray(gl0), rtol=1e-5, atol=1e-12)
+  assert np.abs(np.asarray(gl0)).max() > 1e-4  # not vacuous
+
+
+def test_sdpo_input_checks():
+  x = np.zeros((2, 3), np.float32)
+  with pytest.raises(ValueError, match="mu must be in"):
+    L.sdpo_loser_scale(x, x, x, x, 1.5)
+  with pytest.raises(ValueError, match="mu must be in"):
+    L.sdpo_loser_scale(x, x, x, x, -0.1)
+  with pytest.raises(ValueError, match="shapes must match"):
+    L.sdpo_loser_scale(x, x, x[:1], x[:1], 0.5)
+  with pytest.raises(TypeError, match="floating-point"):
+    L.sdpo_loser_scale(x.astype(np.int32), x, x, x, 0.5)
+  with pytest.raises(ValueError, match="leading batch axis"):
+    L.sdpo_loser_scale(np.float32(1.0), np.float32(0.0), np.float32(1.0), np.float32(0.0), 0.5)
+  with pytest.raises(ValueError, match="1 dimensions"):
+    L.sdpo_scale_loser_grad(x, 0.5)
+  with pytest.raises(ValueError, match="lam must be a scalar"):
+    L.sdpo_scale_loser_grad(np.zeros(3, np.float32), np.zeros(2, np.float32))
+
+
 def test_jit_compatible():
   mw, ml, rw, rl = _mse_terms()
   f = jax.jit(lambda a, b, c, d: L.focused_dpo_loss(L.dpo_logit(a, b, c, d, 5000.0), 1.0))

@@ -9,7 +9,11 @@ m_l`, `ref_diff = r_w - r_l` under `no_grad`; `inside = -0.5 * beta * (model_dif
 from ../shared/docs/method.md 2.2/2.4: cost margin `inside += lam * (C_l - C_w)`, relabelling
 (swap where `r_l - lam C_l > r_w - lam C_w`), dual ascent `lam <- clip(lam + lr (E[C] - d), 0,
 lam_max)` with `E[C] = mean(sigmoid(z) C_w + (1 - sigmoid(z)) C_l)`, and Dynamic Focusing
-`w = (1 - sigmoid(z))^gamma` (detached), `loss = sum(w nll) / sum(w)`.
+`w = (1 - sigmoid(z))^gamma` (detached), `loss = sum(w nll) / sum(w)`. Diffusion-SDPO
+(`train.sdpo_mu`) transcribed from AIDC-AI/Diffusion-SDPO `train.py`: lambda from torch autograd
+gradients of the winner / loser output-space MSEs (`get_adaptive_lose_l_scale`), per micro-batch,
+and `model_losses_l_scaled = m_l.detach() + lambda (m_l - m_l.detach())` in the logit; its
+cases run on the toy model only.
 
 Compared: our step's loss and metrics, per-pair logits (`micro_batch_terms`) and parameter
 gradients (torch autograd, moved to our layout by `scdpo_jax.models.convert`). Gradients are
@@ -41,6 +45,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from scdpo_jax.errors import ConfigError
 from scdpo_jax.models import convert, schedule as sch
 from scdpo_jax.models.layers import abstract_params
 from scdpo_jax.models.unet import UNet2DConditionModel
@@ -62,6 +67,7 @@ LAM = 1.5
 CAPTION_DROPOUT = 0.3
 GAMMA, RAMP = 2.0, 4  # gamma ramps 0 -> 2 over 4 steps: step 0 gives 0, step 2 gives 1, 4+ give 2
 DUAL = dict(cost_budget=0.2, dual_lr=0.7, lam_max=2.0)
+SDPO_ONLY_TOY = ("sdpo_none", "sdpo_margin_accum2")  # cheap: the UNet cases check the same code
 
 
 def _torch_unet(seed):
@@ -189,6 +195,22 @@ def _capture_grads() -> optax.GradientTransformation:
 
 # ----------------------------------------------------------------------------- PyTorch reference
 
+def torch_sdpo_lambda(model_pred, target, mu, eps=1e-9):
+  """Diffusion-SDPO's loser scale (AIDC-AI/Diffusion-SDPO train.py, get_adaptive_lose_l_scale):
+  `model_pred`, `target` are [winners; losers] along the batch axis. Output-space proxies A, B =
+  mean squared error of each half; their gradients w.r.t. the half's prediction by autograd;
+  lambda = clamp((1 - mu) |gA|^2 / (gB . gA + eps), 0, 1) where gB . gA > 0, else 1; detached."""
+  assert 0.0 <= mu <= 1.0
+  pred_w, pred_l = model_pred.detach().requires_grad_(True).chunk(2)
+  tgt_w, tgt_l = target.detach().chunk(2)
+  grad_a, = torch.autograd.grad((pred_w - tgt_w).pow(2).mean(), pred_w)
+  grad_b, = torch.autograd.grad((pred_l - tgt_l).pow(2).mean(), pred_l)
+  num = grad_a.flatten().pow(2).sum()
+  den = (grad_b.flatten() * grad_a.flatten()).sum()
+  lam = torch.where(den > 0, (1.0 - mu) * num / (den + eps), torch.ones_like(den))
+  return lam.clamp(0.0, 1.0).detach()
+
+
 def torch_step(m: _Models, *, t, noise, drop, lam, gamma, cfg: step_lib.StepConfig,
                policy=None, reference=None):
   """Loss, per-pair logits, gradients (torch layout, by parameter name), lambda after the step.
@@ -226,6 +248,16 @@ def torch_step(m: _Models, *, t, noise, drop, lam, gamma, cfg: step_lib.StepConf
   else:
     model_losses = (model_pred.float() - target.float()).pow(2).mean(dim=[1, 2, 3])
     model_losses_w, model_losses_l = model_losses.chunk(2)
+    lose_scale = torch.ones_like(model_losses_l)
+    if cfg.sdpo_mu > 0:
+      # one lambda per micro-batch (rows i, i + accum, ... as in our step) on its pairs
+      n = model_losses_l.shape[0]
+      for i in range(cfg.grad_accum):
+        rows = torch.arange(i, n, cfg.grad_accum)
+        both = torch.cat([rows, rows + n])
+        lose_scale[rows] = torch_sdpo_lambda(model_pred[both], target[both], cfg.sdpo_mu)
+      model_losses_l = (model_losses_l.detach()
+                        + lose_scale * (model_losses_l - model_losses_l.detach()))
     model_diff = model_losses_w - model_losses_l
     with torch.no_grad():
       ref_pred = reference(noisy, timesteps, encoder_hidden_states=hidden).sample.detach()
@@ -248,7 +280,8 @@ def torch_step(m: _Models, *, t, noise, drop, lam, gamma, cfg: step_lib.StepConf
     new_lam = float(torch.clamp(lam + cfg.dual_lr * (expected_cost - cfg.cost_budget), 0.0,
                                 cfg.lam_max))
   return {"loss": float(loss.detach()), "logit": inside.detach().numpy(), "grads": grads,
-          "lam": new_lam, "nll": None if cfg.loss_type == "sft" else nll.detach().numpy()}
+          "lam": new_lam, "nll": None if cfg.loss_type == "sft" else nll.detach().numpy(),
+          "sdpo_lambda": None if cfg.sdpo_mu == 0 else lose_scale.numpy()}
 
 
 # ----------------------------------------------------------------------------- our step, compiled once
@@ -267,6 +300,11 @@ def _configs(beta: float) -> dict[str, step_lib.StepConfig]:
       "dual_unnorm": step_lib.StepConfig(safety_mode="dual", focus_normalize=False, **ramp,
                                          **DUAL, **common),
       "sft": step_lib.StepConfig(loss_type="sft", safety_mode="none", **common),
+      # Diffusion-SDPO on plain DPO (the released SD1.5 mu) and on the SC-DPO margin form with
+      # focusing and two micro-batches (one lambda each; the SDXL mu)
+      "sdpo_none": step_lib.StepConfig(safety_mode="none", sdpo_mu=0.9, **common),
+      "sdpo_margin_accum2": step_lib.StepConfig(safety_mode="margin", grad_accum=2, sdpo_mu=0.6,
+                                                **ramp, **common),
   }
 
 
@@ -330,12 +368,15 @@ CASES = [  # (config, step, gamma at that step): gamma ramps 0 -> GAMMA over RAM
     ("margin", 0, 0.0), ("margin", RAMP // 2, GAMMA / 2),
     ("dual_unnorm", 0, 0.0), ("dual_unnorm", RAMP, GAMMA),
     ("sft", 0, 0.0),
+    ("sdpo_none", 0, 0.0), ("sdpo_margin_accum2", 0, 0.0), ("sdpo_margin_accum2", RAMP, GAMMA),
 ]
 ERRORS = {}  # measured relative errors, printed at the end of the module
+PARAMS = [pytest.param(kind, name, step, gamma, id=f"{name}-step{step}-{kind}")
+          for kind in ("unet", "toy") for name, step, gamma in CASES
+          if kind == "toy" or name not in SDPO_ONLY_TOY]
 
 
-@pytest.mark.parametrize("kind", ["unet", "toy"])
-@pytest.mark.parametrize("name,step,gamma", CASES, ids=[f"{c}-step{s}" for c, s, _ in CASES])
+@pytest.mark.parametrize("kind,name,step,gamma", PARAMS)
 def test_train_step_matches_torch_reference(kind, name, step, gamma):
   """kind "unet": the tiny diffusers UNet; "toy": a one-conv denoiser (the same step and loss
   code; compiles in a second, so tests/mutation_check.py runs these cases)."""
@@ -361,6 +402,13 @@ def test_train_step_matches_torch_reference(kind, name, step, gamma):
                                   (ref["logit"] > 0).astype(np.float32))
     np.testing.assert_allclose(float(metrics["implicit_acc/all"]), (ref["logit"] > 0).mean())
     assert np.abs(ref["logit"]).max() < 10, "the logits must not saturate the sigmoid"
+  if cfg.sdpo_mu > 0:
+    # lambda strictly inside (0, 1) for every micro-batch, so the scaling is seen by the grads
+    assert np.all((ref["sdpo_lambda"] > 0.02) & (ref["sdpo_lambda"] < 0.98)), ref["sdpo_lambda"]
+    errors["sdpo_lambda"] = abs(float(metrics["sdpo_lambda/all"]) - ref["sdpo_lambda"].mean()) / (
+        ref["sdpo_lambda"].mean())
+  else:
+    assert "sdpo_lambda/all" not in metrics
   ERRORS[f"{kind}-{name}-step{step}"] = errors
   for key, err in errors.items():
     assert err <= TOL[kind], f"{name} step {step}: {key} relative error {err:.2e} > {TOL[kind]}"
@@ -388,6 +436,16 @@ def test_batch_exercises_every_branch(models):
   assert 0 < swap.sum() < N_PAIRS
   margin = LAM * (b["cost_l"] - b["cost_w"])
   assert (margin > 0.5).any() and (margin < -0.5).any()
+
+
+def test_sdpo_mu_is_checked():
+  """train.sdpo_mu: [0, 1] as the official code asserts (0 = off), and only with the DPO loss."""
+  step_lib.StepConfig(sdpo_mu=1.0).validate()
+  for bad in (-0.1, 1.5, float("nan")):
+    with pytest.raises(ConfigError, match="sdpo_mu"):
+      step_lib.StepConfig(sdpo_mu=bad).validate()
+  with pytest.raises(ConfigError, match="loss_type"):
+    step_lib.StepConfig(loss_type="sft", sdpo_mu=0.9).validate()
 
 
 def test_randomness_is_per_step_and_in_range(models):

@@ -33,6 +33,10 @@ Conventions (those of the public Diffusion-DPO code, Wallace et al. 2024):
   the harmful pairs with a costly loser, README "ShapeWorld"), or "preference" = the plain DPO
   logit z without the margin, so w measures how hard the *preference* still is for the policy,
   the paper's "difficult pairs" reading.
+* Diffusion-SDPO winner-preserving safeguard (`sdpo_loser_scale`, `sdpo_scale_loser_grad`;
+  AIDC-AI/Diffusion-SDPO `train.py`, arXiv 2511.03317): the loser's gradient is scaled by a
+  detached lambda in [0, 1] so that, to first order in output space, the step does not increase
+  the winner's error; the forward values (and so z and the loss) are unchanged.
 """
 
 from __future__ import annotations
@@ -138,6 +142,73 @@ def policy_cost(z: jax.Array, cost_w: jax.Array, cost_l: jax.Array) -> jax.Array
   _check_float("z", z, ndim=1)
   p = jax.nn.sigmoid(jax.lax.stop_gradient(z.astype(jnp.float32)))
   return p * cost_w + (1.0 - p) * cost_l
+
+
+def sdpo_loser_scale(pred_w: jax.Array, target_w: jax.Array, pred_l: jax.Array,
+                     target_l: jax.Array, mu: jax.Array | float, eps: float = 1e-9) -> jax.Array:
+  """Diffusion-SDPO's winner-preserving scale lambda of the loser's gradient (one scalar).
+
+  Source: AIDC-AI/Diffusion-SDPO `train.py`, `get_adaptive_lose_l_scale` (arXiv 2511.03317),
+  transcribed with its constants. With residuals r_w = pred_w - target_w, r_l = pred_l - target_l
+  (target = the scheduler's training target, the same as in the MSEs; winner and loser share
+  timestep and noise) over a whole batch of N elements per branch, the output-space proxies are
+  A = mean(r_w^2), B = mean(r_l^2) with gradients gA = 2 r_w / N, gB = 2 r_l / N, and
+
+      num = ||gA||^2,  den = <gB, gA>,
+      lambda = clip((1 - mu) * num / (den + eps), 0, 1)  if den > 0,  else 1,
+
+  the largest loser scale with (-gA + lambda gB) . gA <= -mu ||gA||^2 (the winner's error does not
+  grow to first order, with margin mu). The 2/N factors cancel except against eps; they are kept
+  (as eps * N^2 / 4 on the plain sums) so that eps weighs what it weighs in the official code.
+  No gradient flows through lambda.
+
+  Args:
+    pred_w, target_w, pred_l, target_l: the policy's predictions and their training targets on
+      the winners / losers, all of one shape with a leading batch axis (all pairs of the batch
+      enter one lambda). Residuals are taken in float32, as in `per_sample_mse`.
+    mu: margin in [0, 1]; 0.9 in the released SD1.5 Diffusion-DPO launcher, 0.6 for SDXL.
+      mu = 1 gives lambda = 0 whenever den > 0.
+    eps: added to den, as in the official code.
+  Returns:
+    float32 scalar lambda in [0, 1], stop-gradient.
+  """
+  for name, x in (("pred_w", pred_w), ("target_w", target_w), ("pred_l", pred_l),
+                  ("target_l", target_l)):
+    _check_float(name, x)
+  _check_same_shape(pred_w=pred_w, target_w=target_w, pred_l=pred_l, target_l=target_l)
+  if jnp.ndim(pred_w) < 1:
+    raise ValueError("pred_w must have a leading batch axis")
+  if isinstance(mu, (int, float)) and not 0.0 <= mu <= 1.0:
+    raise ValueError(f"mu must be in [0, 1], got {mu}")
+  f32 = lambda x: jax.lax.stop_gradient(x).astype(jnp.float32)
+  rw, rl = f32(pred_w) - f32(target_w), f32(pred_l) - f32(target_l)
+  n = rw.size
+  num = jnp.sum(jnp.square(rw))  # = ||gA||^2 * N^2 / 4
+  dot = jnp.sum(rl * rw)  # = <gB, gA> * N^2 / 4
+  mu = jnp.asarray(mu, jnp.float32)
+  lam = jnp.where(dot > 0, (1.0 - mu) * num / (dot + eps * (n * n / 4.0)), 1.0)
+  return jax.lax.stop_gradient(jnp.clip(lam, 0.0, 1.0))
+
+
+def sdpo_scale_loser_grad(model_l: jax.Array, lam: jax.Array | float) -> jax.Array:
+  """m_l' = sg(m_l) + sg(lambda) * (m_l - sg(m_l)): the loser MSE with its gradient scaled.
+
+  The forward value is exactly m_l (m_l - sg(m_l) is 0); d m_l' / d m_l = lambda. Diffusion-SDPO puts m_l' in place of m_l in the DPO logit
+  (`model_losses_l_scaled` in AIDC-AI/Diffusion-SDPO `train.py`).
+
+  Args:
+    model_l: (B,) policy MSEs on the losers.
+    lam: scalar (or (B,)) scale, normally `sdpo_loser_scale`; treated as a constant.
+  Returns:
+    (B,) float32 m_l'.
+  """
+  _check_float("model_l", model_l, ndim=1)
+  m = model_l.astype(jnp.float32)
+  lam = jax.lax.stop_gradient(jnp.asarray(lam, jnp.float32))
+  if jnp.ndim(lam) not in (0, 1) or (jnp.ndim(lam) == 1 and lam.shape != m.shape):
+    raise ValueError(f"lam must be a scalar or have shape {m.shape}, got {jnp.shape(lam)}")
+  sg = jax.lax.stop_gradient(m)
+  return sg + lam * (m - sg)
 
 
 # ------------------------------------------------------------------------------ reductions

@@ -14,7 +14,12 @@ One step consumes the global batch of `pairs_per_step` pairs as `grad_accum` mic
    [x_t^w ; x_t^l] in one call each;
 4. per-pair MSEs -> DPO logit (+ cost margin for variants B/C) -> per-pair loss and focusing
    weights -> weighted sums, all by the functions of `losses.py` (the ones the tests check); the
-   normalisation by sum(w) is exact across micro-batches.
+   normalisation by sum(w) is exact across micro-batches. With `sdpo_mu` > 0 (Diffusion-SDPO),
+   the loser's MSE enters the logit through `losses.sdpo_scale_loser_grad`: same value, gradient
+   scaled by the micro-batch's winner-preserving lambda (`losses.sdpo_loser_scale`, one scalar
+   over all pairs of the micro-batch, logged as `sdpo_lambda/all`, the step's mean over
+   micro-batches). The official code computes it per device and micro-batch; here a micro-batch
+   is global (all devices), so with data parallelism lambda sees more pairs.
 
 Text conditioning (`text_conditioning`) is a small pytree: {"text_states"} for SD 1.x/2.x, plus
 "pooled_text" and "time_ids" for SDXL, whose UNet calls then get `added_cond_kwargs`
@@ -50,6 +55,8 @@ PER_PAIR_KEYS = ("loss", "implicit_acc", "model_mse_w", "model_mse_l", "ref_mse_
                  "focus_weight", "logit", "policy_cost")
 METRIC_SUM_KEYS = tuple(f"{k}/{tag}" for k in PER_PAIR_KEYS for tag in ("all",) + TAGS) + tuple(
     f"count/{tag}" for tag in ("all",) + TAGS)
+# Only with train.sdpo_mu > 0: the micro-batch's Diffusion-SDPO lambda, repeated for its pairs.
+SDPO_SUM_KEYS = tuple(f"sdpo_lambda/{tag}" for tag in ("all",) + TAGS)
 
 
 @struct.dataclass
@@ -80,6 +87,7 @@ class StepConfig:
   focus_on: str = struct.field(pytree_node=False, default="logit")
   caption_dropout: float = struct.field(pytree_node=False, default=0.2)
   grad_accum: int = struct.field(pytree_node=False, default=1)
+  sdpo_mu: float = struct.field(pytree_node=False, default=0.0)  # Diffusion-SDPO; 0 = off
 
   def validate(self) -> None:
     check_choice("train.loss_type", self.loss_type, LOSS_TYPES)
@@ -97,6 +105,12 @@ class StepConfig:
     for name in ("gamma", "gamma_start", "gamma_ramp_steps"):
       if not getattr(self, name) >= 0:
         raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+    # [0, 1] is what the official get_adaptive_lose_l_scale asserts; 0 switches it off here.
+    if not 0.0 <= self.sdpo_mu <= 1.0:
+      raise ConfigError(f"train.sdpo_mu must be in [0, 1] (0 = off), got {self.sdpo_mu}")
+    if self.sdpo_mu > 0 and self.loss_type != "dpo":
+      raise ConfigError(f"train.sdpo_mu > 0 (Diffusion-SDPO) needs train.loss_type 'dpo', got "
+                        f"{self.loss_type!r}")
 
 
 def _tree_norm(tree) -> jax.Array:
@@ -180,6 +194,10 @@ def micro_batch_terms(params, ref_params, batch, lam, gamma, *, apply_fn, ref_ap
   ref_w, ref_l = jax.lax.stop_gradient(
       _pair_forward(ref_apply_fn, ref_params, x_w, x_l, t, states))
   r_w, r_l = L.per_sample_mse(ref_w, target_w), L.per_sample_mse(ref_l, target_l)
+  if cfg.sdpo_mu > 0:  # Diffusion-SDPO: same m_l, its gradient scaled by lambda (Python if: off =
+    # the program of plain DPO)
+    sdpo_lam = L.sdpo_loser_scale(pred_w, target_w, pred_l, target_l, cfg.sdpo_mu)
+    m_l = L.sdpo_scale_loser_grad(m_l, sdpo_lam)
 
   z = z_pref = L.dpo_logit(m_w, m_l, r_w, r_l, cfg.beta)
   if cfg.safety_mode in ("margin", "dual"):
@@ -202,6 +220,8 @@ def micro_batch_terms(params, ref_params, batch, lam, gamma, *, apply_fn, ref_ap
       "focus_weight": weights, "logit": jax.lax.stop_gradient(z),
       "policy_cost": L.policy_cost(z, cost_w, cost_l),
   }
+  if cfg.sdpo_mu > 0:
+    per_pair["sdpo_lambda"] = jnp.full((b,), sdpo_lam)
   return total, (wsum, per_pair)
 
 
@@ -246,7 +266,8 @@ def make_train_step(*, apply_fn: Callable, ref_apply_fn: Callable, optimizer,
               jax.tree.map(jnp.add, sums_acc, sums)), None
 
     zeros_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    zero_sums = {k: jnp.zeros((), jnp.float32) for k in METRIC_SUM_KEYS}
+    sum_keys = METRIC_SUM_KEYS + (SDPO_SUM_KEYS if cfg.sdpo_mu > 0 else ())
+    zero_sums = {k: jnp.zeros((), jnp.float32) for k in sum_keys}
     init = (zeros_grads, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zero_sums)
     if accum == 1:
       (grads, total, wsum, sums), _ = body(init, jax.tree.map(lambda x: x[0], micro))
