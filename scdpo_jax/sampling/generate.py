@@ -10,6 +10,17 @@ image index, guidance scale) and the settings (see `samplers.py` on randomness):
 composition, batch size and device count do not change it (beyond float rounding of differently
 partitioned computations). `data.images.to_uint8` turns the images into uint8 exactly as
 diffusers' pipelines do.
+
+Stable Diffusion XL: `TextToImage(sdxl, ...)` with a `pipeline_xl.StableDiffusionXL` builds a
+`TextToImageXL` (same API, samplers and guard code) whose branch states are `XLStates`, what
+diffusers' `StableDiffusionXLPipeline` feeds its UNet: `prompt_embeds` of both text encoders,
+the pooled embedding and the micro-conditioning time ids (`conditioning_xl`). The unconditional
+branch is zeros (embeddings and pooled; time ids kept) when the pipeline's
+`force_zeros_for_empty_prompt` is set, else the encoding of ""; a negative prompt branch is
+always encoded (diffusers zeroes only when no `negative_prompt` is given). Guards on SDXL:
+negative prompting ("none" / "standard" / "trasce"), TraSCE loss guidance and SLD (the safety
+concept is one more encoded branch); SAFREE is rejected (its filter works on one CLIP encoder's
+token states and pooled output).
 """
 
 from __future__ import annotations
@@ -21,13 +32,15 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax.sharding import Mesh
 
 from scdpo_jax import parallel
-from scdpo_jax.models import clip, layers
+from scdpo_jax.models import clip, conditioning_xl, layers
 from scdpo_jax.models import tokenizer as tokenizer_lib
 from scdpo_jax.models import vae as vae_lib
 from scdpo_jax.models.pipeline import StableDiffusion
+from scdpo_jax.models.pipeline_xl import StableDiffusionXL
 from scdpo_jax.sampling import guards, samplers
 
 
@@ -39,7 +52,12 @@ class SamplingSettings:
   checkpoint's scheduler config (e.g. {"timestep_spacing": "trailing"}); `height`/`width` in
   pixels (None: the UNet's sample_size times the VAE factor); `guard` the guidance/safety guard;
   `text_layer` the text-encoder layer the UNet is conditioned on (-1: `last_hidden_state`; see
-  `CLIPTextModel.encode_prompt_states`; must match what the UNet was trained with).
+  `CLIPTextModel.encode_prompt_states`; must match what the UNet was trained with; SDXL: -1
+  only, diffusers' penultimate states of both encoders).
+
+  SDXL micro-conditioning (diffusers' arguments of the same names): `original_size` and
+  `target_size` (height, width), None = the generated (height, width); `crops_coords_top_left`
+  (top, left). Stable Diffusion 1.x / 2.x pipelines take none (they must stay at the defaults).
   """
 
   sampler: str = "ddim"
@@ -50,6 +68,9 @@ class SamplingSettings:
   guard: guards.GuardConfig = dataclasses.field(default_factory=guards.GuardConfig)
   scheduler_overrides: tuple[tuple[str, Any], ...] = ()
   text_layer: int = -1
+  original_size: tuple[int, int] | None = None
+  crops_coords_top_left: tuple[int, int] = (0, 0)
+  target_size: tuple[int, int] | None = None
 
 
 class TextToImage:
@@ -65,16 +86,23 @@ class TextToImage:
   request and gets the full images back.
 
   Other UNet weights of the same architecture (a fine-tune) go through `with_unet_params`, which
-  reuses the compiled program.
+  reuses the compiled program. A `StableDiffusionXL` pipeline gives a `TextToImageXL` (module
+  docstring).
   """
+
+  def __new__(cls, sd=None, *args, **kwargs):
+    if cls is TextToImage and isinstance(sd, StableDiffusionXL):
+      cls = TextToImageXL
+    return super().__new__(cls)
 
   def __init__(self, sd: StableDiffusion, settings: SamplingSettings, *, batch_size: int = 4,
                mesh: Mesh | None = None, rules=parallel.DEFAULT_RULES):
-    for name in ("unet", "text_encoder", "tokenizer", "schedule"):
-      if getattr(sd, name) is None:
-        raise ValueError(f"TextToImage needs the pipeline component {name!r}")
+    for name in ("unet", "text_encoder", "tokenizer", "schedule") + self._extra_components:
+      if getattr(sd, name, None) is None:  # None on a StableDiffusion given to TextToImageXL
+        raise ValueError(f"{type(self).__name__} needs the pipeline component {name!r}")
     self.sd = sd
     self.settings = settings
+    self._check_settings(settings)
     self.batch_size = int(batch_size)
     self.mesh = mesh
     factor = sd.vae.config.downsample_factor if sd.vae is not None else 1
@@ -88,9 +116,8 @@ class TextToImage:
                          sd.unet.config.in_channels)
     self.plan = samplers.make_plan(sd.schedule, settings.sampler, settings.num_steps,
                                    eta=settings.eta, **dict(settings.scheduler_overrides))
-    self.max_length = sd.text_encoder.config.max_position_embeddings
-    self._uncond_ids = tokenizer_lib.tokenize(sd.tokenizer, [""], self.max_length)
-    params = (sd.unet_params, sd.vae_params, sd.text_encoder_params)
+    self._setup_text()
+    params = (sd.unet_params, sd.vae_params, self._text_params())
     if mesh is not None:
       rules = parallel.rules_from_config(rules)
       parallel.check_batch_fits(self.batch_size, mesh, "generation batch_size", rules)
@@ -131,15 +158,35 @@ class TextToImage:
     sd = self.sd
     unet_shapes = layers.abstract_params(sd.unet)
     vae_shapes = layers.abstract_params(sd.vae) if sd.vae is not None else None
-    text_shapes = layers.abstract_params(sd.text_encoder)
     return tuple(parallel.logical_shardings(s, self.mesh, rules)
-                 for s in (unet_shapes, vae_shapes, text_shapes))
+                 for s in (unet_shapes, vae_shapes, self._text_shapes()))
 
-  # ------------------------------------------------------------------------------ jitted body
+  # ------------------------------------------------------------------------------ text hooks
+  # (Stable Diffusion 1.x / 2.x here; `TextToImageXL` overrides them)
 
-  def _generate(self, params, prompt_ids, negative_ids, seeds, image_indices, guidance_scales,
-                guard, plan):
-    unet_params, vae_params, text_params = params
+  _extra_components: tuple[str, ...] = ()
+
+  def _check_settings(self, settings: SamplingSettings) -> None:
+    if (settings.original_size is not None or settings.target_size is not None
+        or tuple(settings.crops_coords_top_left) != (0, 0)):
+      raise ValueError("original_size / crops_coords_top_left / target_size are SDXL "
+                       "micro-conditioning; this Stable Diffusion pipeline takes none (leave "
+                       "them at None / (0, 0) / None)")
+
+  def _setup_text(self) -> None:
+    sd = self.sd
+    self.max_length = sd.text_encoder.config.max_position_embeddings
+    self._uncond_ids = tokenizer_lib.tokenize(sd.tokenizer, [""], self.max_length)
+
+  def _text_params(self) -> Any:
+    return self.sd.text_encoder_params
+
+  def _text_shapes(self) -> Any:
+    return layers.abstract_params(self.sd.text_encoder)
+
+  def _conditioning(self, text_params, prompt_ids, negative_ids, guidance_scales, guard
+                    ) -> guards.Conditioning:
+    """Traced: the guard's per-sample branch states."""
     sd = self.sd
     encode = lambda ids: sd.text_encoder.apply(
         {"params": text_params}, ids, method=clip.CLIPTextModel.encode_prompt_states,
@@ -149,15 +196,28 @@ class TextToImage:
     negative = encode(negative_ids) if guard.needs_negative else None
     cond = guards.Conditioning(prompt=prompt_states, unconditional=uncond,
                                guidance_scale=guidance_scales, negative=negative)
-    cond = guards.add_guard_states(  # SLD's safety concept, SAFREE's filtered prompt states
+    return guards.add_guard_states(  # SLD's safety concept, SAFREE's filtered prompt states
         cond, guard, prompt_ids=prompt_ids, encode_states=encode,
         encode_pooled=lambda ids: sd.text_encoder.apply({"params": text_params},
                                                         ids).pooler_output,
         tokenize=self._ids, eos_token_id=sd.tokenizer.eos_token_id)
 
+  def _model(self, unet_params) -> guards.ConditionalModel:
+    sd = self.sd
+
     def model(x, t, states, skip_transform=None):  # skip_transform: SAFREE lra "low"
       return sd.unet.apply({"params": unet_params}, x, t, states, skip_transform=skip_transform)
 
+    return model
+
+  # ------------------------------------------------------------------------------ jitted body
+
+  def _generate(self, params, prompt_ids, negative_ids, seeds, image_indices, guidance_scales,
+                guard, plan):
+    unet_params, vae_params, text_params = params
+    sd = self.sd
+    cond = self._conditioning(text_params, prompt_ids, negative_ids, guidance_scales, guard)
+    model = self._model(unet_params)
     keys = samplers.sample_keys(seeds, image_indices)
     x_start = samplers.initial_noise(keys, self.latent_shape)
     latents = samplers.run_sampler(plan, guards.guided_denoiser(model, cond, guard), x_start,
@@ -170,7 +230,8 @@ class TextToImage:
 
   # ------------------------------------------------------------------------------ host API
 
-  def _ids(self, prompts: Sequence[str]) -> np.ndarray:
+  def _ids(self, prompts: Sequence[str]) -> Any:
+    """Host token ids (B, T) int32 (SDXL: a tuple, one per tokenizer)."""
     return tokenizer_lib.tokenize(self.sd.tokenizer, list(prompts), self.max_length)
 
   def __call__(self, prompts: Sequence[str], seeds: Sequence[int],
@@ -196,10 +257,111 @@ class TextToImage:
                 np.asarray(take(image_indices), np.int32),
                 np.asarray(take(guidance_scales), np.float32))
       if self._input_shardings is not None:
-        inputs = tuple(_place(x, s) for x, s in zip(inputs, self._input_shardings))
+        inputs = tuple(jax.tree.map(lambda v, s=s: _place(v, s), x)
+                       for x, s in zip(inputs, self._input_shardings))
       images = self._fn(self.params, *inputs, guard, self.plan)
       out.append(_to_host(images)[: stop - start])
     return np.concatenate(out) if out else np.zeros((0, self.height, self.width, 3), np.float32)
+
+
+@struct.dataclass
+class XLStates:
+  """One SDXL branch's UNet conditioning: `prompt_embeds` (B, T, D1 + D2) the
+  `encoder_hidden_states`, `text_embeds` (B, P) the pooled embedding and `time_ids` (B, 6), the
+  UNet's `added_cond_kwargs` (`conditioning_xl`)."""
+
+  prompt_embeds: jax.Array
+  text_embeds: jax.Array
+  time_ids: jax.Array
+
+
+class TextToImageXL(TextToImage):
+  """`TextToImage` for a `StableDiffusionXL` pipeline (module docstring); built by
+  `TextToImage(sdxl, ...)`. Prompts go to both tokenizers / text encoders (diffusers' `prompt_2`
+  and `negative_prompt_2` default to the first ones); the time ids are one row
+  `original_size + crops_coords_top_left + target_size` for every sample and branch (diffusers'
+  default `negative_original_size` etc.: the same as the prompt's)."""
+
+  sd: StableDiffusionXL
+  _extra_components = ("text_encoder_2", "tokenizer_2")
+
+  def _check_settings(self, settings: SamplingSettings) -> None:
+    if settings.text_layer != -1:
+      raise ValueError(f"text_layer={settings.text_layer}: SDXL sampling conditions on "
+                       "diffusers' penultimate states of both text encoders (text_layer=-1); "
+                       "clip_skip is not supported")
+    if settings.guard.safree is not None:
+      raise ValueError("the SAFREE guard is not supported for SDXL: its filter works on one "
+                       "CLIP text encoder's token states and pooled output (use negative "
+                       "prompting, TraSCE or SLD)")
+    if not self.sd.text_encoder_2.with_projection:
+      raise ValueError("SDXL's text_encoder_2 must be a CLIPTextModelWithProjection (its "
+                       "projected pooled output is the UNet's text_embeds)")
+
+  def _setup_text(self) -> None:
+    sd = self.sd
+    self.max_length = sd.text_encoder.config.max_position_embeddings
+    self.max_length_2 = sd.text_encoder_2.config.max_position_embeddings
+    self._uncond_ids = self._ids([""])
+    s = self.settings
+    size = (self.height, self.width)
+    self.time_ids = conditioning_xl.add_time_ids(
+        s.original_size or size, s.crops_coords_top_left, s.target_size or size)
+    conditioning_xl.check_add_time_ids(sd.unet.config, self.time_ids.shape[1],
+                                       sd.text_encoder_2.config.projection_dim)
+
+  def _text_params(self) -> Any:
+    return (self.sd.text_encoder_params, self.sd.text_encoder_2_params)
+
+  def _text_shapes(self) -> Any:
+    return (layers.abstract_params(self.sd.text_encoder),
+            layers.abstract_params(self.sd.text_encoder_2))
+
+  def _ids(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    prompts = list(prompts)
+    return (tokenizer_lib.tokenize(self.sd.tokenizer, prompts, self.max_length),
+            tokenizer_lib.tokenize(self.sd.tokenizer_2, prompts, self.max_length_2))
+
+  def _conditioning(self, text_params, prompt_ids, negative_ids, guidance_scales, guard
+                    ) -> guards.Conditioning:
+    sd = self.sd
+
+    def encode(ids):
+      embeds = conditioning_xl.encode_prompt(sd.text_encoder, text_params[0], sd.text_encoder_2,
+                                             text_params[1], *ids)
+      time_ids = jnp.broadcast_to(jnp.asarray(self.time_ids),
+                                  (embeds.prompt_embeds.shape[0], self.time_ids.shape[1]))
+      return XLStates(prompt_embeds=embeds.prompt_embeds,
+                      text_embeds=embeds.pooled_prompt_embeds, time_ids=time_ids)
+
+    prompt = encode(prompt_ids)
+    if sd.force_zeros_for_empty_prompt:  # diffusers: zeros for "no negative prompt"
+      uncond = prompt.replace(prompt_embeds=jnp.zeros_like(prompt.prompt_embeds),
+                              text_embeds=jnp.zeros_like(prompt.text_embeds))
+    else:
+      uncond = jax.tree.map(lambda u, p: jnp.broadcast_to(u, p.shape),
+                            encode(tuple(jnp.asarray(i) for i in self._uncond_ids)), prompt)
+    negative = encode(negative_ids) if guard.needs_negative else None
+    cond = guards.Conditioning(prompt=prompt, unconditional=uncond,
+                               guidance_scale=guidance_scales, negative=negative)
+
+    def no_pooled(ids):
+      raise AssertionError("SAFREE is rejected for SDXL in _check_settings")
+
+    return guards.add_guard_states(  # SLD's safety concept (one more encoded branch)
+        cond, guard, prompt_ids=prompt_ids, encode_states=encode, encode_pooled=no_pooled,
+        tokenize=self._ids, eos_token_id=sd.tokenizer.eos_token_id)
+
+  def _model(self, unet_params) -> guards.ConditionalModel:
+    sd = self.sd
+
+    def model(x, t, states: XLStates, skip_transform=None):
+      return sd.unet.apply({"params": unet_params}, x, t, states.prompt_embeds,
+                           conditioning_xl.added_cond_kwargs(states.text_embeds,
+                                                             states.time_ids),
+                           skip_transform=skip_transform)
+
+    return model
 
 
 def _place(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:

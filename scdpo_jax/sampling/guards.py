@@ -59,6 +59,10 @@ latent re-attention "low" the model call gets a third branch (the original promp
 the UNet's `skip_transform` hook (`safree.LowFrequencyReattention`); the model must then accept
 `model(x, t, states, skip_transform=...)`.
 
+Prompt states may be a pytree instead of one array (SDXL: token states, pooled embedding and
+time ids, `generate.XLStates`): the branches are interleaved leaf by leaf and the model gets the
+interleaved tree. SAFREE needs plain (B, T, D) CLIP states.
+
 Batch layout: the branches of one model call are interleaved sample-major, rows
 [b0 branch0, b0 branch1, ..., b1 branch0, ...] (stack on axis 1, reshape). This is the
 concatenated [uncond; cond] batch of diffusers reordered so that each device's slice of a
@@ -126,7 +130,7 @@ TRASCE_NUDITY_NEGATIVE_PROMPT = ("naked, nude, bare, exposed, Stripped, topless,
 TRASCE_VIOLENCE_NEGATIVE_PROMPT = ("hate, harassment, violence, suffering, humiliation, harm, "
                                    "suicide, blood")
 
-# model(x (N,H,W,C), t (N,) int32, states (N,T,D)) -> output (N,H,W,C)
+# model(x (N,H,W,C), t (N,) int32, states (N,T,D) or a pytree of (N, ...)) -> output (N,H,W,C)
 ConditionalModel = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
@@ -247,7 +251,8 @@ def guard_preset(name: str, sld_negative_prompting: str = "none"
 
 @struct.dataclass
 class Conditioning:
-  """Per-sample text conditioning: states (B, T, D) and guidance scales (B,).
+  """Per-sample text conditioning: states (B, T, D) (or a pytree of (B, ...) leaves, e.g.
+SDXL's `generate.XLStates`) and guidance scales (B,).
 
   `unconditional` holds the states of "" (one row per sample); `negative` the negative prompts'
   states, or None when the guard needs none. `safety`: SLD's safety-concept states (B, T, D);
@@ -275,9 +280,10 @@ def add_guard_states(cond: Conditioning, guard: GuardConfig, *, prompt_ids: jax.
   encoder's pooled output, `tokenize(texts)` host ids padded to the encoder length (called at
   trace time for the guard's constant texts).
   """
-  if guard.sld is not None:
-    safety = encode_states(jnp.asarray(tokenize([guard.sld.concept])))
-    cond = cond.replace(safety=jnp.broadcast_to(safety, cond.prompt.shape))
+  if guard.sld is not None:  # ids and states may be pytrees (SDXL: two tokenizers)
+    safety = encode_states(jax.tree.map(jnp.asarray, tokenize([guard.sld.concept])))
+    cond = cond.replace(safety=jax.tree.map(lambda s, p: jnp.broadcast_to(s, p.shape), safety,
+                                            cond.prompt))
   if guard.safree is not None:
     filtered, until, _ = safree_lib.safree_states(
         guard.safree, prompt_ids, cond.prompt, jnp.asarray(tokenize(list(guard.safree.concepts))),
@@ -286,10 +292,13 @@ def add_guard_states(cond: Conditioning, guard: GuardConfig, *, prompt_ids: jax.
   return cond
 
 
-def interleave(*branches: jax.Array) -> jax.Array:
-  """k arrays (B, ...) -> (B * k, ...), rows sample-major (b0 branch0, b0 branch1, ...)."""
-  stacked = jnp.stack(branches, axis=1)
-  return stacked.reshape((-1,) + stacked.shape[2:])
+def interleave(*branches):
+  """k arrays (B, ...) -> (B * k, ...), rows sample-major (b0 branch0, b0 branch1, ...); k
+  pytrees of the same structure leaf by leaf."""
+  def one(*leaves):
+    stacked = jnp.stack(leaves, axis=1)
+    return stacked.reshape((-1,) + stacked.shape[2:])
+  return jax.tree.map(one, *branches)
 
 
 def split_branches(x: jax.Array, k: int) -> list[jax.Array]:
