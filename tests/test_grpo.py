@@ -1,4 +1,5 @@
-"""SafeDiffusion-R1 (scdpo_jax/grpo): DDIM log-probabilities, advantages, PPO-clip loss and its
+"""SafeDiffusion-R1 (scdpo_jax/grpo): DDIM log-probabilities (SD's epsilon scheduler and
+ShapeWorld's v-prediction / trailing / clipped-x0 one), advantages, PPO-clip loss and its
 gradient against NumPy; steering reward against its formula; recomputed log-probs give ratio 1;
 bf16 vs fp32 ratio numerics (measured, printed); exact resume of the job."""
 
@@ -96,6 +97,60 @@ def test_ddim_log_prob_and_rollout_vs_numpy():
                                                   jnp.asarray(s)), want, rtol=1e-5)
   np.testing.assert_allclose(losses.gaussian_kl(jnp.asarray(x), jnp.asarray(mu), jnp.asarray(s)),
                              ((x - mu) ** 2 / (2 * s ** 2)).mean((1, 2, 3)), rtol=1e-5)
+
+
+# ShapeWorld's scheduler (configs/shapeworld.py): v-prediction, trailing spacing, x0 clipped.
+SHAPEWORLD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                            beta_schedule="linear", prediction_type="v_prediction",
+                            clip_sample=True, set_alpha_to_one=False, steps_offset=0,
+                            timestep_spacing="trailing")
+
+
+def test_ddim_log_prob_v_prediction_trailing_clipped_vs_numpy():
+  """The rollout on a pixel-space ShapeWorld scheduler against diffusers' DDIMScheduler.step
+  formulas in NumPy: trailing grid, prev < 0 -> abar_0 (set_alpha_to_one False),
+  x0 = sqrt(a) x - sqrt(1 - a) v clipped to [-1, 1], eps = sqrt(a) v + sqrt(1 - a) x (not
+  re-derived from the clipped x0: use_clipped_model_output False)."""
+  schedule = sch.schedule_from_config(SHAPEWORLD_SCHEDULER)
+  abar = np.asarray(schedule.alphas_cumprod, np.float64)
+  n, b, shape = 5, 4, (4, 4, 3)
+  plan = rollout.logprob_plan(schedule, n, eta=1.0)
+  rollout.check_plan(plan, n - 1)
+  ts = np.round(np.arange(1000, 0, -1000 / n)).astype(np.int64) - 1
+  prev = ts - 1000 // n
+  a_t, a_p = abar[ts], np.where(prev >= 0, abar[np.clip(prev, 0, None)], abar[0])
+  std = np.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
+  np.testing.assert_array_equal(np.asarray(plan.timesteps), ts)
+  assert prev[-1] < 0
+  np.testing.assert_allclose(np.asarray(plan.c_noise), std, rtol=1e-5)
+
+  w_u, w_c, g = 0.3, 0.7, 3.0
+  def apply(params, x, t, states):
+    del params, t
+    return jnp.tanh(x) * jnp.where(states[:, :1, :1, None] > 0, w_c, w_u)
+  cond, uncond = jnp.ones((b, 1, 1)), -jnp.ones((1, 1, 1))
+  out = jax.jit(lambda s, i, j: rollout.rollout(apply, None, plan, cond, uncond, s, i, j, shape,
+                                                g))(jnp.full((b,), 3, jnp.uint32),
+                                                    jnp.arange(b), jnp.zeros(b, jnp.int32))
+  lat = np.asarray(out["latents"], np.float64)
+  clipped = 0
+  for k in range(n):
+    x = lat[:, k]
+    v = np.tanh(x) * w_u + g * (np.tanh(x) * w_c - np.tanh(x) * w_u)
+    x0 = np.sqrt(a_t[k]) * x - np.sqrt(1 - a_t[k]) * v
+    clipped += int(np.sum(np.abs(x0) > 1))
+    eps = np.sqrt(a_t[k]) * v + np.sqrt(1 - a_t[k]) * x
+    mean = np.sqrt(a_p[k]) * np.clip(x0, -1, 1) + np.sqrt(1 - a_p[k] - std[k] ** 2) * eps
+    ref = (-((lat[:, k + 1] - mean) ** 2) / (2 * std[k] ** 2) - np.log(std[k])
+           - 0.5 * np.log(2 * np.pi)).reshape(b, -1).mean(1)
+    np.testing.assert_allclose(np.asarray(out["log_probs"])[:, k], ref, rtol=1e-5, atol=1e-5,
+                               err_msg=f"step {k}")
+  assert clipped > 0  # the x0 clip was exercised
+  # the update's recomputation (the same transition) gives the stored log-probs
+  fn = update.make_logprob_fn(policy_apply=lambda p, base, x, t, c: apply(p, x, t, c), plan=plan,
+                              guidance_scale=g)
+  np.testing.assert_allclose(jax.jit(fn)(None, (), out["latents"], cond, uncond),
+                             out["log_probs"], rtol=1e-6, atol=1e-6)
 
 
 def test_init_indices_sharing():

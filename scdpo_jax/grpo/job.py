@@ -7,7 +7,11 @@ One epoch (the released `for epoch, prompts in enumerate(loader)` body):
    repeated `sample.group_size` (G, `num_generations`) times, contiguous;
 2. rollouts with the current weights (`rollout.rollout`: DDIM eta = 1, CFG, every latent and
    log-prob kept; x_T shared per `sample.noise_sharing`, "batch" as released), decoded by the
-   VAE, in compiled chunks of `sample.batch_size`, batch-sharded over the mesh;
+   VAE, in compiled chunks of `sample.batch_size`, batch-sharded over the mesh. A base folder
+   without `vae/` is a pixel-space pipeline (ShapeWorld, `shapeworld/pretrain.py`): the final
+   sample x_0 is the image, clipped to [-1, 1] as `sampling.generate.TextToImage` does; any
+   prediction type and DDIM option of its scheduler config (v-prediction, trailing spacing,
+   clip_sample) goes through `rollout.logprob_plan`;
 3. rewards (`rewards.reward_from_config`) and group-relative advantages
    (`losses.group_advantages`);
 4. `train.inner_epochs` passes over the trajectories in minibatches of `train.samples_per_step`
@@ -173,7 +177,27 @@ def check_config(config: ml_collections.ConfigDict, mesh, n_prompts: int) -> Non
                       "(--config.model.pretrained=/path/to/stable-diffusion-v1-5)")
   if config.model.pretrained:
     pipeline.check_pipeline_folder(config.model.pretrained,
-                                   ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
+                                   pipeline_components(config.model.pretrained))
+
+
+PIXEL_SPACE_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+
+
+def pipeline_components(folder) -> tuple[str, ...]:
+  """The components the job loads from `folder`: with a `vae/` folder a latent-space SD
+  pipeline, without one a pixel-space pipeline (the sampler's x_0 is the image)."""
+  if (Path(folder) / "vae").is_dir():
+    return ("unet", "vae") + PIXEL_SPACE_COMPONENTS[1:]
+  return PIXEL_SPACE_COMPONENTS
+
+
+def check_pixel_space(sd: pipeline.StableDiffusion, folder: Path) -> None:
+  """A pipeline without a VAE must sample RGB images: a UNet with 3 input / output channels."""
+  cfg = sd.unet.config
+  if sd.vae is None and (cfg.in_channels != 3 or cfg.out_channels != 3):
+    raise ConfigError(f"{folder} has no vae/ folder, so it is taken as a pixel-space pipeline, "
+                      f"but its UNet has {cfg.in_channels} input / {cfg.out_channels} output "
+                      "channels (a pixel-space UNet has 3 / 3): is vae/ missing?")
 
 
 def trained_steps(config: ml_collections.ConfigDict) -> int:
@@ -237,7 +261,8 @@ def _place(x: np.ndarray, sharding) -> jax.Array:
 # ------------------------------------------------------------------------------ the job
 
 class Programs:
-  """The compiled programs of a run: rollout (+ VAE decode), log-prob recomputation, update."""
+  """The compiled programs of a run: rollout (+ VAE decode, none in pixel space), log-prob
+  recomputation, update."""
 
   def __init__(self, config, mesh, spec, sd, plan, optimizer, lora_spec):
     s, t = config.sample, config.train
@@ -272,16 +297,22 @@ class Programs:
                             indices, init_idx, latent_shape, float(s.guidance_scale),
                             batch_sharding=parallel.batch_sharding(mesh, 4, rules))
       x0 = out["latents"][:, -1]
-      images = vae.apply({"params": vae_p}, vae_lib.unscale_latents(x0, vae.config),
-                         method="decode")
+      if vae is None:  # pixel-space pipeline: the sample is the image
+        images = x0
+      else:
+        images = vae.apply({"params": vae_p}, vae_lib.unscale_latents(x0, vae.config),
+                           method="decode")
       out["images"] = jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
       return out
 
     repl = parallel.replicated(mesh)
     batch = lambda ndim: parallel.batch_sharding(mesh, ndim, rules)
     self.base_shardings = spec.ref_shardings if self.needs_base(config) else repl
-    vae_shardings = parallel.logical_shardings(layers.abstract_params(vae), mesh, rules)
-    self.vae_params = jax.tree.map(_place, vae_params, vae_shardings)
+    if vae is None:
+      vae_shardings, self.vae_params = repl, ()
+    else:
+      vae_shardings = parallel.logical_shardings(layers.abstract_params(vae), mesh, rules)
+      self.vae_params = jax.tree.map(_place, vae_params, vae_shardings)
     self.rollout = jax.jit(
         parallel.with_logical_rules(rollout_fn, mesh, rules),
         in_shardings=(spec.param_shardings, self.base_shardings, vae_shardings, batch(3), repl,
@@ -353,10 +384,10 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   logging.info("safediffusion_r1: mesh %s, %d prompts", dict(mesh.shape), len(prompts))
 
   folder = base_model_folder(config, workdir)
-  sd = pipeline.load_stable_diffusion(folder, ("unet", "vae", "text_encoder", "tokenizer",
-                                               "scheduler"),
+  sd = pipeline.load_stable_diffusion(folder, pipeline_components(folder),
                                       dtype=jnp.dtype(config.model.dtype),
                                       param_dtype=jnp.float32)
+  check_pixel_space(sd, folder)
   k_train = trained_steps(config)
   plan = rollout.logprob_plan(sd.schedule, s.num_steps, eta=float(s.eta),
                               ddpo_final_step=bool(s.ddpo_final_step))

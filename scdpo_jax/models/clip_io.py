@@ -9,12 +9,14 @@ Checkpoints: transformers >= 5 saves a bare `CLIPTextModel` / `CLIPVisionModel` 
 `text_model.` / `vision_model.` key prefix, older versions (and the `text_encoder/` folders of
 Stable Diffusion repos) with it; the loaders accept both, plus `*WithProjection` folders and full
 `CLIPModel` folders (the other tower and `logit_scale` are skipped). The savers always write the
-prefixed layout, which transformers 4 and 5 both load.
+prefixed layout, which transformers 4 and 5 both load; `save_clip_model` writes both towers as
+one `CLIPModel` folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -105,14 +107,20 @@ def _load_tower(tower: _Tower, folder: str | os.PathLike, *, dtype: Dtype, param
   return module, params
 
 
-def _save_tower(tower: _Tower, folder: str | os.PathLike, config: Any, params: Any,
-                param_dtype: Optional[Any]) -> Path:
+def _tower_state(tower: _Tower, config: Any, params: Any, param_dtype: Optional[Any]
+                 ) -> tuple[dict[str, np.ndarray], bool]:
+  """(PyTorch-layout state dict with `<prefix>.` keys, with_projection) of checked params."""
   params = convert.host_params(params)
   with_projection = tower.projection in params
   module = tower.module_cls(config, with_projection=with_projection)
   convert.check_params(params, layers.abstract_params(module), f"cannot save {tower.what}")
+  return convert.flax_to_torch(params, dtype=param_dtype), with_projection
+
+
+def _save_tower(tower: _Tower, folder: str | os.PathLike, config: Any, params: Any,
+                param_dtype: Optional[Any]) -> Path:
+  state, with_projection = _tower_state(tower, config, params, param_dtype)
   path = Path(folder)
-  state = convert.flax_to_torch(params, dtype=param_dtype)
   config_dict = config.to_dict()
   config_dict["architectures"] = [tower.proj_architecture if with_projection
                                   else tower.architecture]
@@ -171,3 +179,38 @@ def save_clip_vision(folder: str | os.PathLike, config: cc.CLIPVisionConfig, par
   (keys prefixed `vision_model.`; projection iff `params` has one). Same rules as
   `save_clip_text`."""
   return _save_tower(VISION, folder, config, params, param_dtype)
+
+
+def save_clip_model(folder: str | os.PathLike, text_config: cc.CLIPTextConfig, text_params: Any,
+                    vision_config: cc.CLIPVisionConfig, vision_params: Any, *,
+                    logit_scale: float = math.log(1 / 0.07),
+                    param_dtype: Optional[Any] = None) -> Path:
+  """Write both towers (each with its projection) as one Hugging Face `CLIPModel` folder:
+  config.json (`text_config`, `vision_config`, top-level `projection_dim`) + model.safetensors
+  (`text_model.*`, `vision_model.*`, `text_projection.weight`, `visual_projection.weight`,
+  `logit_scale` = log of the logit multiplier, as transformers stores it).
+
+  transformers' `CLIPModel.from_pretrained` loads it, and so do `load_clip_text` /
+  `load_clip_vision` (tested). Tokenizer files are not written here (add them to the folder,
+  e.g. `tokenizer.write_byte_level_tokenizer(folder, ...)`).
+  """
+  if text_config.projection_dim != vision_config.projection_dim:
+    raise ValueError(f"CLIPModel needs one projection_dim: text {text_config.projection_dim}, "
+                     f"vision {vision_config.projection_dim}")
+  text_state, text_proj = _tower_state(TEXT, text_config, text_params, param_dtype)
+  vision_state, vision_proj = _tower_state(VISION, vision_config, vision_params, param_dtype)
+  if not (text_proj and vision_proj):
+    raise ValueError("save_clip_model: both towers need their projection (build them with "
+                     "with_projection=True)")
+  dtype = next(iter(text_state.values())).dtype
+  state = {**text_state, **vision_state,
+           "logit_scale": np.asarray(logit_scale, dtype=dtype)}
+  path = Path(folder)
+  text_dict, vision_dict = text_config.to_dict(), vision_config.to_dict()
+  io.write_json(path / "config.json", {
+      "architectures": [cc.FULL_ARCHITECTURE], "model_type": cc.FULL_MODEL_TYPE,
+      "projection_dim": text_config.projection_dim,
+      "logit_scale_init_value": float(logit_scale), "dtype": str(dtype),
+      "text_config": text_dict, "vision_config": vision_dict})
+  io.save_safetensors(state, path / f"{WEIGHTS_STEM}.safetensors")
+  return path

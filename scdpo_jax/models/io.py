@@ -113,5 +113,7 @@ def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str | os.PathLi
 
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(path),
+  # (reshape: np.ascontiguousarray makes 0-d arrays, e.g. CLIPModel's logit_scale, 1-d)
+  save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in state_dict.items()},
+            str(path),
             metadata=dict(metadata or {"format": "pt"}))
