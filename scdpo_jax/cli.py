@@ -6,11 +6,16 @@ Any config key can be overridden on the command line (`--config.model.dtype=bflo
 keys are rejected. The config's `job` field picks what runs (`scdpo_jax.jobs`). Config files may
 import their siblings (`from configs import default`): the folder holding `configs/` is put on
 `sys.path` first, so the command works from any folder.
+
+Compiled programs are kept in a persistent JAX compilation cache, `~/.cache/scdpo-jax/jax`
+(the test suite's), so a rerun or the next job with the same shapes skips XLA compilation:
+`JAX_COMPILATION_CACHE_DIR` chooses another folder, `SCDPO_COMPILATION_CACHE=0` turns it off.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -64,9 +69,24 @@ def _one_line_config_error(exc: BaseException, argv: list[str]) -> str:
   return f"error: a config override was rejected: {text} (overrides: {given})"
 
 
+def default_compilation_cache() -> Path:
+  return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scdpo-jax" / "jax"
+
+
+def _enable_compilation_cache() -> None:
+  """The persistent compilation cache (module docstring); JAX's own env variables win."""
+  if os.environ.get("SCDPO_COMPILATION_CACHE", "1") == "0":
+    return
+  import jax
+
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", str(default_compilation_cache()))
+
+
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _enable_compilation_cache()
   for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
     handler.addFilter(_QuietLibraries())
   from absl import logging as absl_logging

@@ -32,3 +32,26 @@ def test_pip_install_then_import_and_run_from_another_folder(tmp_path):
                         str(tmp_path / "w"), "--config.job=no_such_job"],
                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
   assert "config.job='no_such_job' is not a known job" in run.stderr, run.stderr[-3000:]
+
+
+def test_the_command_line_uses_a_persistent_compilation_cache(monkeypatch, tmp_path):
+  import jax
+
+  from scdpo_jax import cli
+
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  assert cli.default_compilation_cache() == tmp_path / "scdpo-jax" / "jax"
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv("SCDPO_COMPILATION_CACHE", "0")
+    cli._enable_compilation_cache()
+    assert not jax.config.jax_compilation_cache_dir  # turned off
+    monkeypatch.setenv("SCDPO_COMPILATION_CACHE", "1")
+    cli._enable_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "scdpo-jax" / "jax")
+    jax.config.update("jax_compilation_cache_dir", "/elsewhere")  # a user's choice wins
+    cli._enable_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == "/elsewhere"
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
