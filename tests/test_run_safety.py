@@ -53,9 +53,12 @@ def test_resume_refuses_changed_settings_and_names_them(base, tmp_path):
     loop.run(_config(str(other), **{"train.num_steps": 3}), tmp_path)
   assert "base_model.unet/diffusion_pytorch_model.safetensors" in str(err.value)
   assert "config.model.pretrained" in str(err.value)
-  # allowed: more steps; accepted on request: beta
-  result = loop.run(_config(base, **{"train.num_steps": 3, "train.beta": 60.0,
-                                     "resume.allow_changes": "train.beta"}), tmp_path)
+  # allowed: more steps; accepted on request: the initial lambda (refused without the request;
+  # a fingerprinted setting that leaves the compiled step as it is, so no second compile)
+  with pytest.raises(resume.ResumeMismatchError, match=r"config\.train\.lam: 1\.0 -> 2\.0"):
+    loop.run(_config(base, **{"train.num_steps": 3, "train.lam": 2.0}), tmp_path)
+  result = loop.run(_config(base, **{"train.num_steps": 3, "train.lam": 2.0,
+                                     "resume.allow_changes": "train.lam"}), tmp_path)
   assert result["start_step"] == 2 and result["end_step"] == 3
 
 
@@ -122,14 +125,27 @@ def test_damaged_checkpoints_fall_back_to_the_newest_readable_one(base, tmp_path
   assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3, 4, 5]
 
 
-def test_metrics_after_resume_equal_an_uninterrupted_run(base, tmp_path):
-  straight = tmp_path / "straight"
+@pytest.fixture(scope="module")
+def cut_run(base, tmp_path_factory):
+  """4 steps straight; and 3 steps (checkpoints at 2 and 3, TensorBoard on) whose step-3
+  checkpoint is then removed, as if killed after step 3 was logged, resumed to 4 steps. The
+  metrics and the TensorBoard tests below check the two logs of this one resumed run."""
+  tmp = tmp_path_factory.mktemp("cut_run")
+  straight = tmp / "straight"
   loop.run(_config(base, **{"train.num_steps": 4}), straight)
-  cut = tmp_path / "cut"
-  loop.run(_config(base, **{"train.num_steps": 3, "checkpoint.every_steps": 2}), cut)
+  cut = tmp / "cut"
+  loop.run(_config(base, **{"train.num_steps": 3, "checkpoint.every_steps": 2,
+                            "log.tensorboard": True}), cut)
   shutil.rmtree(cut / "checkpoints" / "3")  # as if killed after step 3 was logged
   first = json.loads((cut / "train_result.json").read_text())
-  loop.run(_config(base, **{"train.num_steps": 4, "checkpoint.every_steps": 2}), cut)
+  resumed = loop.run(_config(base, **{"train.num_steps": 4, "checkpoint.every_steps": 2,
+                                      "log.tensorboard": True}), cut)
+  assert resumed["start_step"] == 2 and resumed["end_step"] == 4
+  return straight, cut, first
+
+
+def test_metrics_after_resume_equal_an_uninterrupted_run(base, cut_run):
+  straight, cut, first = cut_run
   rows, want = _metrics(cut), _metrics(straight)
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
   for key in ("objective", "loss/all", "grad_norm", "logit/harmful"):
@@ -160,14 +176,9 @@ def _tensorboard_purges(folder: Path) -> list[int]:
   return steps
 
 
-def test_tensorboard_purges_events_after_the_restored_step(base, tmp_path):
-  config = _config(base, **{"train.num_steps": 3, "checkpoint.every_steps": 2,
-                            "log.tensorboard": True})
-  loop.run(config, tmp_path)
-  shutil.rmtree(tmp_path / "checkpoints" / "3")
-  loop.run(_config(base, **{"train.num_steps": 4, "checkpoint.every_steps": 2,
-                            "log.tensorboard": True}), tmp_path)
-  assert _tensorboard_purges(tmp_path / "tensorboard") == [3]  # events from step 3 on replaced
+def test_tensorboard_purges_events_after_the_restored_step(cut_run):
+  _, cut, _ = cut_run  # 3 steps, the step-3 checkpoint removed, resumed from step 2 to 4
+  assert _tensorboard_purges(cut / "tensorboard") == [3]  # events from step 3 on replaced
 
 
 def test_full_disk_is_one_line_naming_the_folder(tmp_path, monkeypatch):
@@ -188,6 +199,28 @@ def test_full_disk_is_one_line_naming_the_folder(tmp_path, monkeypatch):
   assert f"writing checkpoints to {tmp_path / 'checkpoints'}" in str(err.value)
 
 
+def _tiny_train_overrides() -> list[str]:
+  """`--config.` overrides that turn configs/scdpo_tiny.py into this file's `tiny_train_config()`
+  in every key that shapes the compiled train step (batch, accumulation, focusing, beta,
+  optimizer): the CLI runs below then train the program the in-process runs above compiled, a
+  compile-cache hit instead of a compile in the subprocess. Step counts and logging / checkpoint
+  intervals stay the test's own."""
+  from configs import scdpo_tiny
+
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+  shipped, tests = flat(scdpo_tiny.get_config().to_dict()), flat(tiny_train_config().to_dict())
+  keys = [k for k in tests if shipped.get(k) != tests[k] and k.startswith(
+      ("train.", "optimizer.", "data.", "model.")) and k not in ("train.num_steps",
+                                                                 "train.export_at_end")]
+  assert "train.pairs_per_step" in keys and "train.grad_accum" in keys
+  return [f"--config.{k}={tests[k]}" for k in keys]
+
+
 def _cli(args, cwd=ROOT, **kwargs):
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
   return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, env=env,
@@ -206,8 +239,9 @@ def test_unknown_override_is_one_line_with_a_suggestion(tmp_path):
 
 def test_ctrl_c_saves_then_exits_with_the_interrupted_status(base, tmp_path):
   proc = _cli(["--config", str(ROOT / "configs" / "scdpo_tiny.py"), "--workdir",
-               str(tmp_path), f"--config.model.pretrained={base}", "--config.train.num_steps=100000",
-               "--config.log.every_steps=1", "--config.checkpoint.every_steps=100000"])
+               str(tmp_path), f"--config.model.pretrained={base}", *_tiny_train_overrides(),
+               "--config.train.num_steps=100000", "--config.log.every_steps=1",
+               "--config.checkpoint.every_steps=100000"])
   deadline = time.time() + 600
   while not (tmp_path / "metrics.jsonl").is_file() or not _metrics(tmp_path):
     assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
@@ -256,7 +290,7 @@ def test_second_ctrl_c_aborts_at_once_without_a_checkpoint(base, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs" / "scdpo_tiny.py"),
          "--workdir", str(tmp_path / "w"), f"--config.model.pretrained={base}",
-         "--config.train.num_steps=100000", "--config.log.every_steps=1",
+         *_tiny_train_overrides(), "--config.train.num_steps=100000", "--config.log.every_steps=1",
          "--config.checkpoint.every_steps=100000", "--config.checkpoint.async_save=False"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
         stderr=err_file, text=True)
