@@ -51,10 +51,15 @@ def _read_tensorboard_tags(folder: Path) -> set[str]:
   return tags
 
 
+# dual mode (lambda is state and moves every step) with gamma ramped 0 -> 2 over 4 steps; the
+# metrics, resume and gradient-accumulation tests all train this one compiled program
+DUAL_RAMP = {"train.safety_mode": "dual", "train.dual_lr": 1.0, "train.cost_budget": 0.1,
+             "train.gamma": 2.0, "train.gamma_start": 0.0, "train.gamma_ramp_steps": 4}
+
+
 def test_training_writes_metrics_checkpoints_and_export(tmp_path):
-  result = _run(tmp_path, **{"train.num_steps": 4, "checkpoint.every_steps": 2,
-                             "log.tensorboard": True, "train.export_at_end": True,
-                             "train.gamma": 1.0})
+  result = _run(tmp_path, **{**DUAL_RAMP, "train.num_steps": 4, "checkpoint.every_steps": 2,
+                             "log.tensorboard": True, "train.export_at_end": True})
   assert len(result["losses"]) == 4 and all(np.isfinite(result["losses"]))
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines] == [1, 2, 3, 4]
@@ -62,7 +67,8 @@ def test_training_writes_metrics_checkpoints_and_export(tmp_path):
               "ref_mse_l/clean", "focus_weight/all", "lambda", "grad_norm", "param_norm",
               "update_norm", "pairs_per_s", "learning_rate", "skipped_total"):
     assert key in lines[-1], key
-  assert 0 < lines[-1]["focus_weight/all"] <= 1.0  # gamma = 1: weights below 1
+  assert lines[-1]["gamma"] == 1.5  # the ramp at step 4
+  assert 0 < lines[-1]["focus_weight/all"] <= 1.0  # gamma > 0: weights below 1
   tags = _read_tensorboard_tags(tmp_path / "tensorboard")
   assert {"loss/all", "implicit_acc/harmful", "pairs_per_s"} <= tags
   assert Checkpointer(tmp_path / "checkpoints").manager.all_steps() == [2, 4]
@@ -81,15 +87,18 @@ def _metric_series(workdir: Path, key: str) -> list[float]:
   return [json.loads(l)[key] for l in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-# dual mode (lambda is state and moves every step) with gamma ramped 0 -> 2 over 4 steps
-DUAL_RAMP = {"train.safety_mode": "dual", "train.dual_lr": 1.0, "train.cost_budget": 0.1,
-             "train.gamma": 2.0, "train.gamma_start": 0.0, "train.gamma_ramp_steps": 4}
+@pytest.fixture(scope="module")
+def dual_ramp_runs(tmp_path_factory):
+  """DUAL_RAMP for 6 steps straight, and for 3 steps then resumed to 6 in another workdir."""
+  tmp = tmp_path_factory.mktemp("dual_ramp")
+  full = _run(tmp / "full", **{**DUAL_RAMP, "train.num_steps": 6})
+  first = _run(tmp / "split", **{**DUAL_RAMP, "train.num_steps": 3})
+  second = _run(tmp / "split", **{**DUAL_RAMP, "train.num_steps": 6})
+  return tmp, full, first, second
 
 
-def test_resume_gives_the_same_trajectory(tmp_path):
-  full = _run(tmp_path / "full", **{**DUAL_RAMP, "train.num_steps": 6})
-  first = _run(tmp_path / "split", **{**DUAL_RAMP, "train.num_steps": 3})
-  second = _run(tmp_path / "split", **{**DUAL_RAMP, "train.num_steps": 6})
+def test_resume_gives_the_same_trajectory(dual_ramp_runs):
+  tmp_path, full, first, second = dual_ramp_runs
   assert second["start_step"] == 3
   np.testing.assert_allclose(first["losses"] + second["losses"], full["losses"], atol=1e-6,
                              rtol=0)
@@ -103,12 +112,15 @@ def test_resume_gives_the_same_trajectory(tmp_path):
   np.testing.assert_allclose(float(second["state"].lam), float(full["state"].lam), rtol=1e-6)
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-  one = _run(tmp_path / "a1", **{"train.gamma": 2.0, "train.safety_mode": "dual",
-                                 "train.dual_lr": 1.0, "train.cost_budget": 0.1})
-  four = _run(tmp_path / "a4", **{"train.gamma": 2.0, "train.safety_mode": "dual",
-                                  "train.dual_lr": 1.0, "train.cost_budget": 0.1,
-                                  "train.grad_accum": 4})
+def test_gradient_accumulation_matches_one_big_batch(dual_ramp_runs, tmp_path):
+  """3 steps of DUAL_RAMP in 4 micro-batches against one batch (the resume fixture's 3-step run):
+  gamma 0, 0.5, 1 (from step 2 the focusing weights, normalised over the whole batch, differ
+  between pairs) and the dual variable moving."""
+  _, _, one, _ = dual_ramp_runs
+  four = _run(tmp_path / "a4", **{**DUAL_RAMP, "train.num_steps": 3, "train.grad_accum": 4})
+  assert len(one["losses"]) == 3 and one["start_step"] == 0
+  np.testing.assert_allclose(_metric_series(tmp_path / "a4", "gamma"), [0.0, 0.5, 1.0],
+                             rtol=1e-6)
   np.testing.assert_allclose(one["losses"], four["losses"], atol=1e-5, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(one["state"].params), jax.tree.leaves(four["state"].params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
@@ -201,42 +213,51 @@ def _worker(spec: dict, tmp_path: Path, devices: int, timeout: int = 900) -> dic
   return json.loads((tmp_path / "result.json").read_text())
 
 
+def _flat_params(params) -> dict[str, np.ndarray]:
+  """A parameter tree as `tests.train_utils` saves it: {"a/b/kernel": array}."""
+  from flax import traverse_util
+  return {"/".join(k): np.asarray(v) for k, v in
+          traverse_util.flatten_dict(jax.device_get(params)).items()}
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+  """The default config (3 steps) on this process's one device: what the 8-device meshes and
+  the two jax.distributed processes must reproduce (the same config, losses and parameters)."""
+  result = _run(tmp_path_factory.mktemp("single"), **{"mesh.data": 1, "mesh.fsdp": 1,
+                                                      "mesh.tensor": 1})
+  assert len(jax.devices()) == 1 and len(result["losses"]) == 3
+  return {"losses": result["losses"], "params": _flat_params(result["state"].params)}
+
+
 @pytest.fixture(scope="module")
 def sharded_runs(tmp_path_factory):
-  """One subprocess with 8 simulated CPU devices: 1 device, a 2x2x2 mesh and a 1x8 fsdp mesh."""
+  """One subprocess with 8 simulated CPU devices: a 2x2x2 mesh, a 1x8 fsdp mesh and a batch that
+  does not divide the mesh (compared with `single_run`, this process's one device)."""
   tmp = tmp_path_factory.mktemp("sharded")
   base = {"model.pretrained": BASE}
   runs = {
-      "single": {**base, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1},
       "mesh222": {**base, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
       "fsdp8": {**base, "mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1},
       "bad_batch": {**base, "train.pairs_per_step": 4},
   }
-  # "single" runs in its own process with one device (the mesh takes all devices it sees).
-  result = _worker({"runs": {k: v for k, v in runs.items() if k != "single"},
-                    "save_params": True}, tmp, devices=8)
-  single = _worker({"runs": {"single": runs["single"]}, "save_params": True},
-                   tmp_path_factory.mktemp("single"), devices=1)
-  result["single"] = single["single"]
-  result["_single_dir"] = str(tmp_path_factory.getbasetemp())
+  result = _worker({"runs": runs, "save_params": True}, tmp, devices=8)
   return tmp, result
 
 
-def _check_mesh_matches_single(sharded_runs, name):
+def _check_mesh_matches_single(sharded_runs, single_run, name):
   tmp, result = sharded_runs
-  single_params = None
-  for path in Path(result["_single_dir"]).glob("single*/single_params.npz"):
-    single_params = np.load(path)
-  assert single_params is not None
+  single_params = single_run["params"]
   assert "error" not in result[name], result[name]
-  np.testing.assert_allclose(result[name]["losses"], result["single"]["losses"], atol=1e-5)
+  np.testing.assert_allclose(result[name]["losses"], single_run["losses"], atol=1e-5)
   params = np.load(tmp / f"{name}_params.npz")
-  for key in single_params.files:
+  assert sorted(params.files) == sorted(single_params)
+  for key in single_params:
     np.testing.assert_allclose(params[key], single_params[key], atol=1e-5, err_msg=key)
 
 
-def test_fsdp_mesh_gives_the_same_losses_and_params(sharded_runs):
-  _check_mesh_matches_single(sharded_runs, "fsdp8")
+def test_fsdp_mesh_gives_the_same_losses_and_params(sharded_runs, single_run):
+  _check_mesh_matches_single(sharded_runs, single_run, "fsdp8")
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -245,8 +266,8 @@ def test_fsdp_mesh_gives_the_same_losses_and_params(sharded_runs):
     "loss agrees to 1e-6; a finite difference of the loss confirms one device's gradient, not "
     "the mesh's; GSPMD and Shardy agree with each other): an XLA CPU problem as far as we can "
     "tell; see README, Design choices"))
-def test_2x2x2_mesh_gives_the_same_losses_and_params(sharded_runs):
-  _check_mesh_matches_single(sharded_runs, "mesh222")
+def test_2x2x2_mesh_gives_the_same_losses_and_params(sharded_runs, single_run):
+  _check_mesh_matches_single(sharded_runs, single_run, "mesh222")
 
 
 def test_batch_that_does_not_divide_the_mesh_is_rejected(sharded_runs):
@@ -282,10 +303,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-  """jax.distributed over 2 CPU processes on localhost; each reads only its half of the batch."""
+def test_two_processes_match_one(single_run, tmp_path):
+  """jax.distributed over 2 CPU processes on localhost; each reads only its half of the batch.
+  Compared with `single_run` (the same config on one device, 3 steps)."""
   port = _free_port()
-  steps = 4
+  steps = 3
   spec = {"runs": {"mh": {"model.pretrained": BASE, "train.num_steps": steps,
                           "distributed.coordinator_address": f"127.0.0.1:{port}",
                           "distributed.num_processes": 2}},
@@ -305,13 +327,10 @@ def test_two_processes_match_one(tmp_path):
     assert p.returncode == 0, err[-4000:]
   multi = json.loads((tmp_path / "result.json").read_text())["mh"]
   assert "error" not in multi, multi
-  single = _run(tmp_path / "one", **{"train.num_steps": steps})
   assert len(multi["losses"]) == steps
-  np.testing.assert_allclose(multi["losses"], single["losses"], atol=1e-5)
+  np.testing.assert_allclose(multi["losses"], single_run["losses"], atol=1e-5)
   # parameters after the steps (the first loss alone does not depend on the model: policy = ref)
   params = np.load(tmp_path / "mh_params.npz")
-  from flax import traverse_util
-  flat = traverse_util.flatten_dict(jax.device_get(single["state"].params))
-  assert set(params.files) == {"/".join(k) for k in flat}
-  for key, value in flat.items():
-    np.testing.assert_allclose(params["/".join(key)], value, atol=1e-5, err_msg="/".join(key))
+  assert set(params.files) == set(single_run["params"])
+  for key, value in single_run["params"].items():
+    np.testing.assert_allclose(params[key], value, atol=1e-5, err_msg=key)
