@@ -20,9 +20,11 @@ from tests.test_lora import _torch_apply
 from tests.test_train import _worker
 from tests.train_utils import tiny_train_config
 
-# Dense and (1x1) conv adapters; peft's gaussian init with alpha != rank.
+# Dense and (1x1) conv adapters; peft's gaussian init with alpha != rank. Focusing on (gamma 1:
+# per-pair weights, normalised over the whole batch, which gradient accumulation must respect)
+# in every run of this file, so they share one compiled program where their configs agree.
 LORA = {"lora.enabled": True, "lora.rank": 4, "lora.alpha": 8.0,
-        "lora.targets": ("attention", "proj")}
+        "lora.targets": ("attention", "proj"), "train.gamma": 1.0}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,6 +49,8 @@ def _inputs():
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
+  """3 steps of `_config()` on one device (+ the exports): also the one-batch side of the
+  gradient-accumulation test and the one-device side of the sharded test."""
   workdir = tmp_path_factory.mktemp("lora_run")
   result = _run(workdir, **{"train.num_steps": 3, "train.export_at_end": True})
   return workdir, result
@@ -217,17 +221,19 @@ def test_resume_gives_the_same_trajectory(tmp_path):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-  one = _run(tmp_path / "a1", **{"train.gamma": 1.0})
-  two = _run(tmp_path / "a2", **{"train.gamma": 1.0, "train.grad_accum": 2})
+def test_gradient_accumulation_matches_one_big_batch(lora_run, tmp_path):
+  _, one = lora_run  # 3 steps, one batch
+  two = _run(tmp_path / "a2", **{"train.num_steps": 3, "train.grad_accum": 2})
+  assert one["state"].params and _config().train.gamma == 1.0 and len(one["losses"]) == 3
   np.testing.assert_allclose(one["losses"], two["losses"], atol=1e-5, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(one["state"].params), jax.tree.leaves(two["state"].params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
 
 
-def test_sharded_lora_training_matches_one_device(tmp_path_factory):
-  """8 simulated CPU devices against a one-device process: a data 4 x tensor 2 mesh (the B
-  factors sharded over `tensor`) and a 1 x 8 fsdp mesh (the A factors and the base over `fsdp`).
+def test_sharded_lora_training_matches_one_device(lora_run, tmp_path_factory):
+  """8 simulated CPU devices against this process's one device (`lora_run`, the same config):
+  a data 4 x tensor 2 mesh (the B factors sharded over `tensor`) and a 1 x 8 fsdp mesh (the A
+  factors and the base over `fsdp`).
 
   Not the 2 x 2 x 2 mesh: on it the gradients of the plain UNet (no LoRA, no train step: grad of
   sum(unet(x)^2) with the base sharded by the default rules and the batch over (data, fsdp))
@@ -240,18 +246,17 @@ def test_sharded_lora_training_matches_one_device(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("lora_sharded")
   result = _worker({"runs": {k: {**base, **v} for k, v in meshes.items()}, "save_params": True},
                    tmp, devices=8)
-  tmp1 = tmp_path_factory.mktemp("lora_single")
-  single = _worker({"runs": {"single": {**base, "mesh.data": 1}}, "save_params": True}, tmp1,
-                   devices=1)["single"]
-  single_params = np.load(tmp1 / "single_params.npz")
-  assert single_params.files and all(k.endswith(("lora_A", "lora_B"))
-                                     for k in single_params.files)
+  _, single = lora_run
+  assert len(jax.devices()) == 1 and single["start_step"] == 0
+  single_params = {"/".join(k): np.asarray(v) for k, v in
+                   traverse_util.flatten_dict(jax.device_get(single["state"].params)).items()}
+  assert single_params and all(k.endswith(("lora_A", "lora_B")) for k in single_params)
   for name in meshes:
     assert "error" not in result[name], result[name]
     np.testing.assert_allclose(result[name]["losses"], single["losses"], atol=1e-5)
     params = np.load(tmp / f"{name}_params.npz")
-    assert sorted(params.files) == sorted(single_params.files)
-    for key in single_params.files:
+    assert sorted(params.files) == sorted(single_params)
+    for key in single_params:
       np.testing.assert_allclose(params[key], single_params[key], atol=1e-5, err_msg=key)
 
 
