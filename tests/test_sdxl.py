@@ -328,15 +328,20 @@ def test_sdxl_train_state_fits_80gb_on_fsdp8(tmp_path):
 
 
 def test_tiny_random_sdxl_folder_loads_in_diffusers(tmp_path):
-  """`models.tiny` builds an SDXL folder when the tiny config has a `text_encoder_2`."""
+  """`models.tiny` builds an SDXL folder when the tiny config has a `text_encoder_2`: the tiny
+  SDXL pipeline of configs/scdpo_sdxl_tiny.py (its random init is the costly part, a compile per
+  component, and tests/test_sdxl_train.py builds the same one). The SDXL block layout of
+  `sdxl_refs` (DownBlock2D first, transformer depth per block) goes through the same save path
+  in test_export_loads_in_diffusers_sdxl_pipeline above."""
+  from configs import scdpo_sdxl_tiny
   from scdpo_jax.models import convert, tiny
 
-  spec = {"unet": sdxl_refs.UNET, "vae": sdxl_refs.VAE, "text_encoder": sdxl_refs.TEXT_1,
-          "text_encoder_2": sdxl_refs.TEXT_2,
-          "scheduler": {"_class_name": "EulerDiscreteScheduler", **sdxl_refs.SCHEDULER}}
+  spec = scdpo_sdxl_tiny.tiny_sdxl_pipeline_config()
+  assert spec.unet.addition_embed_type == "text_time" and spec.unet.use_linear_projection
   folder = tiny.tiny_pipeline_folder(spec, tmp_path / "tiny_xl")
   ours = pipeline_xl.load_stable_diffusion_xl(folder)
   assert ours.text_encoder_2.with_projection and ours.tokenizer_2.pad_token == "!"
+  assert ours.unet.config.addition_embed_type == "text_time"
   pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
   for name, params in (("unet", ours.unet_params), ("text_encoder_2", ours.text_encoder_2_params)):
     state = {k: to_numpy(v) for k, v in getattr(pipe, name).state_dict().items()}
