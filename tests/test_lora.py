@@ -152,14 +152,14 @@ def test_dropout_branch_is_peft_forward(tiny):
   """lora.dropout > 0: y = x W + scale * dropout(x) A B per adapted layer (interceptor, the model
   definitions unchanged). Rate -> 0 gives the merged model; B = 0 gives the base at any rate
   (the mask touches only the LoRA branch); a rate of 0.5 changes the output, the same key gives
-  the same masks."""
+  the same masks. The rate is a traced argument here (training passes the config's float), so
+  one compiled program serves every rate."""
   _, unet, params, inputs = tiny
   spec = adapters.LoraSpec(rank=4, alpha=8.0, targets=("attention", "proj", "resnet_conv"))
   lora = _random_lora(unet, spec)
   key = jax.random.PRNGKey(1)
   run = jax.jit(lambda l, rate, k: adapters.apply_with_dropout(unet, params, l, spec.scale,
-                                                               rate, k, *inputs),
-                static_argnums=1)
+                                                               rate, k, *inputs))
   merged = _apply(unet, adapters.merge(params, lora, spec.scale), inputs)
   assert np.abs(np.asarray(run(lora, 1e-12, key)) - merged).max() <= TOL
   zero_b = jax.tree_util.tree_map_with_path(
