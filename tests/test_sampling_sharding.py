@@ -5,7 +5,9 @@ traced (the models' `layers.constrain` calls) is recorded with its mesh spec, wh
 the active rules say; the batch size check follows the rules' `batch` entry; the sharded sampler
 gives the images of the single-device one. Plus `TextToImage.with_unet_params` (in-process).
 
-`python -m tests.test_sampling_sharding OUT.json` is the 8-device worker.
+`python -m tests.test_sampling_sharding OUT.json [TINY_FOLDER]` is the 8-device worker (the test
+passes the tiny pipeline folder it built: its random init is a compile, which a process with other
+XLA_FLAGS cannot take from the compile cache).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def _record_constraints():
   return log, current
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, folder: str | None = None) -> None:
   import jax
 
   from configs.default import tiny_pipeline_config
@@ -62,7 +64,8 @@ def main(out_path: str) -> None:
 
   assert jax.device_count() == 8, jax.devices()
   log, current = _record_constraints()
-  folder = tiny.tiny_pipeline_folder(tiny_pipeline_config(), Path(tempfile.mkdtemp()) / "tiny")
+  if folder is None:
+    folder = tiny.tiny_pipeline_folder(tiny_pipeline_config(), Path(tempfile.mkdtemp()) / "tiny")
   sd = pipeline.load_stable_diffusion(folder)
   settings = generate.SamplingSettings(num_steps=2)
   args = (PROMPTS, [1, 2, 3, 4], [0, 0, 1, 0], [7.5, 7.5, 3.0, 1.0])
@@ -101,9 +104,20 @@ def main(out_path: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory):
+def tiny_folder(tmp_path_factory) -> Path:
+  """The tiny random pipeline of configs/default.py, written once for this file (the 8-device
+  worker and the in-process tests load it)."""
+  from configs.default import tiny_pipeline_config
+  from scdpo_jax.models import tiny
+
+  return tiny.tiny_pipeline_folder(tiny_pipeline_config(), tmp_path_factory.mktemp("sd") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory, tiny_folder):
   out = tmp_path_factory.mktemp("inference_sharding") / "result.json"
-  proc = subprocess.run([sys.executable, "-m", "tests.test_sampling_sharding", str(out)],
+  proc = subprocess.run([sys.executable, "-m", "tests.test_sampling_sharding", str(out),
+                         str(tiny_folder)],
                         cwd=ROOT, env=_subprocess_env(8), capture_output=True, text=True,
                         timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -154,13 +168,10 @@ def test_sharded_sampler_gives_the_single_device_images(cases):
 
 
 @pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-  from configs.default import tiny_pipeline_config
-  from scdpo_jax.models import pipeline, tiny
+def tiny_sd(tiny_folder):
+  from scdpo_jax.models import pipeline
 
-  folder = tiny.tiny_pipeline_folder(tiny_pipeline_config(),
-                                     tmp_path_factory.mktemp("sd") / "tiny")
-  return pipeline.load_stable_diffusion(folder)
+  return pipeline.load_stable_diffusion(tiny_folder)
 
 
 def test_with_unet_params_swaps_the_unet_and_keeps_the_original(tiny_sd):
@@ -186,4 +197,4 @@ def test_with_unet_params_swaps_the_unet_and_keeps_the_original(tiny_sd):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main(*sys.argv[1:3])
