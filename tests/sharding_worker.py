@@ -1,7 +1,8 @@
 """Lower the real train step on simulated CPU devices and report its sharding constraints.
 
-`python -m tests.sharding_worker OUT.json` (run by tests/test_sharding.py with XLA_FLAGS for 8
-devices): for each case (mesh + sharding rules), the activation constraints found in the
+`python -m tests.sharding_worker OUT.json [BASE]` (run by tests/test_sharding.py with XLA_FLAGS for
+8 devices and the session's tiny base pipeline folder as BASE: its random init is a compile that a
+process with other XLA_FLAGS cannot take from the compile cache): for each case (mesh + sharding rules), the activation constraints found in the
 lowered StableHLO (`sdy.sharding_constraint`: mesh axes per dimension and the tensor shape),
 the input batch shardings and the parameters the rules leave replicated.
 """
@@ -36,7 +37,7 @@ def constraints(text: str) -> list[dict]:
   return out
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, base: str | None = None) -> None:
   import jax
   from scdpo_jax import parallel
   from scdpo_jax.data.batch import PAIR_KEYS
@@ -45,7 +46,7 @@ def main(out_path: str) -> None:
   from tests.train_utils import build_tiny_base, tiny_train_config
 
   assert jax.device_count() == 8, jax.devices()
-  base = build_tiny_base(Path(tempfile.mkdtemp()))
+  base = Path(base) if base else build_tiny_base(Path(tempfile.mkdtemp()))
   sd = pipeline.load_stable_diffusion(base, ("unet", "text_encoder", "tokenizer", "scheduler"))
   result = {}
   for name, overrides in CASES.items():
@@ -72,4 +73,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main(*sys.argv[1:3])

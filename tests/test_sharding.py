@@ -15,9 +15,10 @@ NHWC_RANK, BTD_RANK = 4, 3
 
 
 @pytest.fixture(scope="module")
-def lowered_cases(tmp_path_factory):
+def lowered_cases(tmp_path_factory, tiny_train_base):
   out = tmp_path_factory.mktemp("sharding") / "result.json"
-  proc = subprocess.run([sys.executable, "-m", "tests.sharding_worker", str(out)], cwd=ROOT,
+  proc = subprocess.run([sys.executable, "-m", "tests.sharding_worker", str(out),
+                         tiny_train_base], cwd=ROOT,
                         env=_subprocess_env(8), capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads(out.read_text())
