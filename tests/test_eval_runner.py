@@ -61,6 +61,12 @@ def first_run(tmp_path_factory, tiny_clip):  # noqa: F811
   np.save(q16_file, np.random.default_rng(0).standard_normal((2, embedder.embed_dim)))
   overrides = _overrides(folder, q16_file, root / "cost")
   workdir = root / "run"
+  # The tiny random pipeline the job writes into its workdir (evaluation/job.py, the same call),
+  # written here first: its random init is a compile that the 2-device process cannot take from
+  # the compile cache (other XLA_FLAGS). The job then finds and loads it, as a rerun does.
+  from scdpo_jax.models import tiny
+  config = _config(overrides)
+  tiny.tiny_pipeline_folder(config.model.tiny, workdir / "tiny_pipeline", config.seed)
   cmd = [sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs/eval_tiny.py"),
          "--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in overrides.items()]
   env = dict(os.environ, XLA_FLAGS=xla_flags(2))
