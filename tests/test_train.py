@@ -51,8 +51,9 @@ def _read_tensorboard_tags(folder: Path) -> set[str]:
   return tags
 
 
-# dual mode (lambda is state and moves every step) with gamma ramped 0 -> 2 over 4 steps; the
-# metrics, resume and gradient-accumulation tests all train this one compiled program
+# dual mode (lambda is state and moves every step; the cost margin as in mode "margin") with gamma
+# ramped 0 -> 2 over 4 steps: every one-device run in this file trains this one compiled program
+# (plus the 4-micro-batch variant), and the sharded and multi-process runs train it too
 DUAL_RAMP = {"train.safety_mode": "dual", "train.dual_lr": 1.0, "train.cost_budget": 0.1,
              "train.gamma": 2.0, "train.gamma_start": 0.0, "train.gamma_ramp_steps": 4}
 
@@ -152,7 +153,7 @@ def _inner_source(workdir, config):
 
 
 def test_nonfinite_step_is_skipped_and_counted(tmp_path):
-  config = _config(**{"train.num_steps": 4})
+  config = _config(**{**DUAL_RAMP, "train.num_steps": 4})
   source = _Wrapped(_inner_source(tmp_path, config), nan_steps={1})
   result = loop.run(config, tmp_path, pair_source=source)
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -164,18 +165,20 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), result["state"]))
   assert meta["skipped"] == 1
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+  assert np.isfinite(float(state.lam))  # the dual update is skipped with the rest
 
 
-def test_sigterm_saves_and_resumes(tmp_path):
-  config = _config(**{"train.num_steps": 5})
+def test_sigterm_saves_and_resumes(dual_ramp_runs, tmp_path):
+  config = _config(**{**DUAL_RAMP, "train.num_steps": 6})
   source = _Wrapped(_inner_source(tmp_path, config), sigterm_step=2)
   result = loop.run(config, tmp_path, pair_source=source)
   assert result["preempted"] and result["end_step"] == 3
   assert Checkpointer(tmp_path / "checkpoints").latest_step() == 3
   resumed = loop.run(config, tmp_path)
-  assert resumed["start_step"] == 3 and resumed["end_step"] == 5
-  # the interrupted + resumed trajectory is the uninterrupted one
-  full = loop.run(config, tmp_path / "full")
+  assert resumed["start_step"] == 3 and resumed["end_step"] == 6
+  # the interrupted + resumed trajectory is the uninterrupted one (the resume fixture's 6 steps)
+  _, full, _, _ = dual_ramp_runs
+  assert len(full["losses"]) == 6
   np.testing.assert_allclose(result["losses"] + resumed["losses"], full["losses"], atol=1e-6,
                              rtol=0)
   _assert_same_params(resumed["state"].params, full["state"].params, atol=1e-6)
@@ -221,13 +224,13 @@ def _flat_params(params) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory):
-  """The default config (3 steps) on this process's one device: what the 8-device meshes and
-  the two jax.distributed processes must reproduce (the same config, losses and parameters)."""
-  result = _run(tmp_path_factory.mktemp("single"), **{"mesh.data": 1, "mesh.fsdp": 1,
-                                                      "mesh.tensor": 1})
-  assert len(jax.devices()) == 1 and len(result["losses"]) == 3
-  return {"losses": result["losses"], "params": _flat_params(result["state"].params)}
+def single_run(dual_ramp_runs):
+  """DUAL_RAMP for 3 steps on this process's one device (the resume fixture's 3-step run): what
+  the 8-device meshes and the two jax.distributed processes must reproduce (the same config,
+  losses and parameters)."""
+  _, _, first, _ = dual_ramp_runs
+  assert len(jax.devices()) == 1 and len(first["losses"]) == 3
+  return {"losses": first["losses"], "params": _flat_params(first["state"].params)}
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +238,7 @@ def sharded_runs(tmp_path_factory):
   """One subprocess with 8 simulated CPU devices: a 2x2x2 mesh, a 1x8 fsdp mesh and a batch that
   does not divide the mesh (compared with `single_run`, this process's one device)."""
   tmp = tmp_path_factory.mktemp("sharded")
-  base = {"model.pretrained": BASE}
+  base = {"model.pretrained": BASE, **DUAL_RAMP, "train.num_steps": 3}
   runs = {
       "mesh222": {**base, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
       "fsdp8": {**base, "mesh.data": 1, "mesh.fsdp": 8, "mesh.tensor": 1},
@@ -277,7 +280,7 @@ def test_batch_that_does_not_divide_the_mesh_is_rejected(sharded_runs):
 
 def test_checkpoint_from_8_devices_restores_on_1(sharded_runs):
   tmp, _ = sharded_runs
-  config = _config(**{"mesh.data": 1})
+  config = _config(**{**DUAL_RAMP, "mesh.data": 1})
   from scdpo_jax import parallel
   from scdpo_jax.models import pipeline
   mesh = parallel.mesh_from_config(config.mesh)
@@ -308,7 +311,7 @@ def test_two_processes_match_one(single_run, tmp_path):
   Compared with `single_run` (the same config on one device, 3 steps)."""
   port = _free_port()
   steps = 3
-  spec = {"runs": {"mh": {"model.pretrained": BASE, "train.num_steps": steps,
+  spec = {"runs": {"mh": {"model.pretrained": BASE, **DUAL_RAMP, "train.num_steps": steps,
                           "distributed.coordinator_address": f"127.0.0.1:{port}",
                           "distributed.num_processes": 2}},
           "workdir": str(tmp_path), "result": str(tmp_path / "result.json"),
