@@ -19,7 +19,7 @@ scdpo_jax/shapeworld/world.py; the stages in scdpo_jax/shapeworld/study.py.
 
 import ml_collections
 
-from configs import cost_model, default
+from configs import cost_model, default, safediffusion_r1_sd15, safetydpo_tiny
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -43,9 +43,12 @@ def get_config() -> ml_collections.ConfigDict:
       layers_per_block=1, cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")))
+  # [I] a word-level tokenizer: the world's 37 words are one token each (as common words are in
+  # CLIP's real vocabulary); the char-level one ("chars") left shapes unconditioned (README).
+  config.model.tokenizer = "words"
   config.model.text_encoder = ml_collections.ConfigDict(dict(
-      vocab_size=514, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-      num_attention_heads=4, max_position_embeddings=64, hidden_act="quick_gelu",
+      vocab_size=768, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+      num_attention_heads=4, max_position_embeddings=24, hidden_act="quick_gelu",
       bos_token_id=512, eos_token_id=513, pad_token_id=513))
   config.model.scheduler = ml_collections.ConfigDict(dict(
       _class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
@@ -53,12 +56,15 @@ def get_config() -> ml_collections.ConfigDict:
       set_alpha_to_one=False, steps_offset=0, timestep_spacing="trailing"))
 
   # Base-model pretraining (shapeworld/pretrain.py; the trainer's key names): AdamW, linear
-  # warmup then cosine decay to cosine_final_fraction * lr, gradient-norm clipping.
+  # warmup then cosine decay to cosine_final_fraction * lr, gradient-norm clipping, Min-SNR-5
+  # loss weights, the EMA of the weights is saved.
   config.pretrain = ml_collections.ConfigDict()
+  # "shipped": copy scdpo_jax/shapeworld/base/, made by this recipe (checked); "train": train it
+  config.pretrain.source = "train"
   config.pretrain.train = ml_collections.ConfigDict(dict(
-      num_steps=450, batch_size=64, caption_dropout=0.1))
+      num_steps=1000, batch_size=64, caption_dropout=0.1, ema_decay=0.995, min_snr_gamma=5.0))
   config.pretrain.optimizer = ml_collections.ConfigDict(dict(
-      lr=2e-3, warmup_steps=40, weight_decay=1e-4, cosine_final_fraction=0.1, max_grad_norm=1.0))
+      lr=1e-3, warmup_steps=100, weight_decay=1e-4, cosine_final_fraction=0.1, max_grad_norm=1.0))
   config.pretrain.log = ml_collections.ConfigDict(dict(every_steps=50, snapshot_every=0))
 
   config.sampling = ml_collections.ConfigDict(dict(
@@ -103,6 +109,73 @@ def get_config() -> ml_collections.ConfigDict:
   ft.checkpoint.update(dict(every_steps=80, async_save=False, keep=1))
   ft.log.update(dict(every_steps=10, tensorboard=False))
   config.finetune = ft
+
+  # The `safetydpo` job (configs/safetydpo_tiny.py keys): one LoRA expert per category on the
+  # CoProV2-style pairs, SafetyDPO's released expert recipe (plain Diffusion-DPO, rank 4 = alpha,
+  # gaussian init, to_q/to_k/to_v/to_out.0), the study's beta, lr and pair batch; Co-Merge [I]
+  # re-factorised by SVD. The study adds the base model, the pairs and safetydpo.experts
+  # (per_category for `safetydpo`, all_single for `all_single`).
+  sdpo = safetydpo_tiny.get_config()
+  expert = default.get_config()
+  expert.seed = config.get_ref("seed")
+  expert.data.seed = config.get_ref("seed")
+  expert.train.update(dict(loss_type="dpo", beta=2000.0, safety_mode="none", gamma=0.0,
+                           caption_dropout=0.0, pairs_per_step=16, grad_accum=1, num_steps=40))
+  expert.lora.update(dict(enabled=True, rank=4, alpha=4.0, init="gaussian",
+                          targets=("attention",)))
+  expert.optimizer.update(dict(lr=1e-3, warmup_steps=4))
+  expert.checkpoint.update(dict(every_steps=40, async_save=False, keep=1))
+  expert.log.update(dict(every_steps=10, tensorboard=False))
+  sdpo.expert = expert
+  sdpo.safetydpo.categories = ()  # every category of the pair data
+  sdpo.merge.update(dict(calibration_pairs_per_category=8, calibration_batch=32))
+  sdpo.merge.seed = config.get_ref("seed")
+  config.safetydpo = sdpo
+
+  # The `safediffusion_r1` job (configs/safediffusion_r1_sd15.py keys) on the world: the
+  # released loss and advantages; the world's sampler (12 DDIM steps, CFG 3) with eta 1; the
+  # reward is the steering reward of the world CLIP (world_clip stage) with anchors in the
+  # world's language ([I]: plain unsafe phrases, never a held-out rephrasing). The study adds
+  # the base model, the harmful pair prompts and the CLIP folder.
+  r1 = safediffusion_r1_sd15.get_config()
+  r1.seed = config.get_ref("seed")
+  r1.model.dtype = "float32"
+  r1.sample.update(dict(num_steps=12, guidance_scale=3.0, group_size=8, prompts_per_epoch=8,
+                        batch_size=64))
+  r1.train.update(dict(num_epochs=6, samples_per_step=16, grad_accum=1))
+  r1.optimizer.update(dict(lr=3e-5))
+  # [I] alpha 2: at the released 0.5 the world CLIP's steering reward prefers the unsafe render
+  # of a harmful prompt (a safe render wins on 14 % of them; 76 % at 2), measured on the world
+  # CLIP's own held-out renders (world_clip.py), not on the study's prompts.
+  r1.reward.update(dict(batch_size=128, steering_alpha=2.0))
+  r1.reward.safe_anchors = ()  # () = the world's anchors (world_clip.steering_anchors)
+  r1.reward.unsafe_anchors = ()
+  r1.checkpoint.update(dict(every_epochs=6, async_save=False, keep=1))
+  r1.log.update(dict(every_steps=4, tensorboard=False))
+  config.grpo = r1
+
+  # The world CLIP (scdpo_jax/shapeworld/world_clip.py), SafeDiffusion-R1's reward model: tiny
+  # towers trained contrastively on the base model's data; only built when safediffusion_r1 runs.
+  config.world_clip = ml_collections.ConfigDict(dict(
+      seed=config.get_ref("seed"), categories=config.world.get_ref("categories"),
+      image_size=config.world.get_ref("image_size"),
+      unsafe_fraction=config.world.get_ref("unsafe_fraction"),
+      rephrase_fraction=config.world.get_ref("rephrase_fraction"), projection_dim=64,
+      tokenizer=config.model.get_ref("tokenizer")))
+  config.world_clip.text = ml_collections.ConfigDict(dict(
+      vocab_size=768, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+      num_attention_heads=4, max_position_embeddings=24, hidden_act="quick_gelu",
+      bos_token_id=512, eos_token_id=513, pad_token_id=513))
+  config.world_clip.vision = ml_collections.ConfigDict(dict(
+      hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+      patch_size=4, hidden_act="quick_gelu"))
+  config.world_clip.train = ml_collections.ConfigDict(dict(
+      num_steps=300, batch_size=64, lr=2e-3, warmup_steps=20, weight_decay=1e-4,
+      cosine_final_fraction=0.1, max_grad_norm=1.0, init_logit_scale=2.659260036932778,
+      max_logit_scale=4.605170185988092))  # log(1 / 0.07), log(100)
+  config.world_clip.eval = ml_collections.ConfigDict(dict(
+      images_per_scene=2, steering_alpha=r1.reward.get_ref("steering_alpha"), alpha_sweep=(),
+      batch_size=64))
 
   # Fixed before any tuning: the held-out test split, seeds 0-2, 2 images per prompt and seed.
   # Tuning runs use --config.evaluate.split=validation (their report is report_validation.*).

@@ -1,17 +1,25 @@
-"""The ShapeWorld study end to end on the shortened CI config: every stage runs, writes what it
-promises, resumes without redoing work, and a single stage can run alone. Invariants only: the
-CI models are barely trained, so no number is checked against a target."""
+"""The ShapeWorld study end to end on the shortened CI config: every stage and every method runs
+through its real job, writes what it promises, resumes without redoing work, and a single
+stage or a subset of methods can run alone. Invariants only: the CI models are barely trained,
+so no number is checked against a target (the README's table is the full study's)."""
 
 import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from configs import shapeworld_ci
+from configs import shapeworld, shapeworld_ci
 from scdpo_jax import jobs
-from scdpo_jax.shapeworld import study
+from scdpo_jax.shapeworld import evaluation as ev
+from scdpo_jax.shapeworld import finetune, methods, pretrain, report, study
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+RUN = shapeworld_ci.METHODS  # the CI variant's methods: one of each kind and the claims' ones
+TRAINED = [m for m in RUN if m in methods.FINETUNES]
 
 
 @pytest.fixture(scope="module")
@@ -22,73 +30,107 @@ def finished(tmp_path_factory):
   return config, workdir, results
 
 
-def test_every_stage_ran_and_wrote_its_outputs(finished):
+def test_every_stage_and_method_ran_and_wrote_its_outputs(finished):
   _, workdir, results = finished
   assert set(study.STAGES) <= set(results)
   assert all(results[s] != "skipped" for s in study.STAGES)
   for path in ("base_pipeline/model_index.json", "base_pipeline/unet", "candidates/images.npy",
-               "cost_model/cost_model_eval.json", "pairs/scp.npz", "pairs/human.npz",
-               "report.json", "report.md", "pareto.png", "timings.json"):
+               "cost_model/cost_model_eval.json", "world_clip/config.json",
+               "pairs/pairs_report.json", "report.json", "report.md", "pareto.png",
+               "timings.json"):
     assert (workdir / path).exists(), path
   assert not (workdir / "base_pipeline" / "vae").exists()  # pixel space
-  for method in study.FINETUNES:
-    assert (workdir / "finetune" / method / "export" / "unet").is_dir()
-    train = json.loads((workdir / "finetune" / method / "train_result.json").read_text())
-    assert train["end_step"] == 2
-  for method in study.METHODS:
+  for kind in methods.PAIR_KINDS:
+    assert (workdir / "pairs" / f"{kind}.npz").is_file(), kind
+  assert {methods.get(m).kind for m in RUN} == set(methods.KINDS)
+  for method in TRAINED:
+    assert finetune.done(workdir, method), method
+  for method in RUN:
     assert (workdir / "grids" / f"{method}.png").is_file()
+  ft = results["finetune"]
+  for method in TRAINED:
+    if methods.get(method).kind == "dpo":
+      assert ft[method]["steps"] == 2, method
+  # SafetyDPO: one expert per category of the CoProV2-style pairs, then the merge
+  experts = shapeworld_ci.get_config().safetydpo.safetydpo.categories
+  assert sorted(ft["safetydpo"]["categories"]) == sorted(experts)
+  merge = json.loads((workdir / "finetune/safetydpo/merge.json").read_text())
+  assert merge["method"] == "co_merge" and merge["experts"] == len(experts)
+  assert (workdir / "finetune/safetydpo/export/lora/pytorch_lora_weights.safetensors").is_file()
+  r1 = json.loads((workdir / "finetune/safediffusion_r1/train_result.json").read_text())
+  assert r1["end_epoch"] == 1
 
 
 def test_report_has_every_method_rate_per_category_and_the_auroc(finished):
   config, workdir, _ = finished
-  report = json.loads((workdir / "report.json").read_text())
-  assert report["split"] == "test"
-  assert report["categories"] == list(config.world.categories) == [
+  rep = json.loads((workdir / "report.json").read_text())
+  assert rep["split"] == "test"
+  assert rep["categories"] == list(config.world.categories) == [
       "magenta", "ring", "stripes", "red_on_black"]
-  assert set(report["methods"]) == set(study.METHODS)
-  assert set(report["not_run"]) == set(study.NOT_RUN) and not set(report["not_run"]) & set(
-      report["methods"])
-  for method, row in report["methods"].items():
-    for metric in study.METRICS:
+  assert set(rep["methods"]) == set(RUN)
+  assert rep["not_run"] == sorted(set(methods.METHODS) - set(RUN))
+  for method, row in rep["methods"].items():
+    for metric in ev.METRICS:
       top = 3.0 if metric == "reward_clean" else 1.0
       assert 0.0 <= row[metric] <= top, (method, metric)
       assert math.isfinite(row[metric + "_se"]) and row[metric + "_se"] >= 0.0
-    assert set(row["per_category"]) == set(report["categories"])
+      assert len(row["per_seed"][metric]) == len(config.evaluate.seeds)
+    assert set(row["per_category"]) == set(rep["categories"])
     for cat, rates in row["per_category"].items():
-      for metric in study.CATEGORY_METRICS:
+      for metric in ev.CATEGORY_METRICS:
         assert 0.0 <= rates[metric] <= 1.0, (method, cat, metric)
     # the overall harmful rate is the prompt-weighted mean of the per-category ones
-    sets = study.eval_prompts(config)
-    counts = {c: sum(p.category == c for p in sets["harmful"]) for c in report["categories"]}
+    sets = ev.eval_prompts(config)
+    counts = {c: sum(p.category == c for p in sets["harmful"]) for c in rep["categories"]}
     pooled = sum(counts[c] * row["per_category"][c]["unsafe_rate_harmful"]
                  for c in counts) / sum(counts.values())
     assert abs(pooled - row["unsafe_rate_harmful"]) < 1e-6, method  # float32 means
-  auroc = report["cost_model"]["auroc"]
+  auroc = rep["cost_model"]["auroc"]
   assert auroc is not None and 0.0 <= auroc <= 1.0
-  assert set(report["claims"]) == {"harmful_rate_at_most_half_of_base",
-                                   "adversarial_rate_at_most_half_of_base",
-                                   "clean_fidelity_at_least_95pct_of_base",
-                                   "on_pareto_front_of_diffusion_dpo_and_guards",
-                                   "dfm_on_beats_dfm_off"}
+  assert set(rep["claims"]) == {"harmful_rate_at_most_half_of_base",
+                                "adversarial_rate_at_most_half_of_base",
+                                "clean_fidelity_at_least_95pct_of_base",
+                                "on_pareto_front_of_diffusion_dpo_and_guards",
+                                "dfm_on_beats_dfm_off"}
   md = (workdir / "report.md").read_text()
-  for method in study.METHODS:
+  for method in RUN:
     assert md.count(f"| {method} |") == 2  # the overall and the per-category table
   from PIL import Image
   assert Image.open(workdir / "pareto.png").size[0] > 500
-  n_prompts = sum(len(v) for v in study.eval_prompts(config).values())
-  expected = n_prompts * len(config.evaluate.seeds) * config.evaluate.images_per_prompt
-  assert report["methods"]["base"]["num_images"] == expected
+  assert rep["methods"]["base"]["num_images"] == len(ev.eval_plan(config))
 
 
-def test_pairs_follow_the_scp_rule(finished):
+def test_the_same_prompts_and_seeds_for_every_method(finished):
+  """Every method has one image per entry of the same evaluation plan, and a fine-tune's
+  images are its own (not the base's)."""
+  config, workdir, _ = finished
+  base = np.load(workdir / "eval/test/base_images.npy")
+  for method in RUN:
+    images = np.load(workdir / f"eval/test/{method}_images.npy")
+    assert images.shape == base.shape, method
+  assert not np.array_equal(np.load(workdir / "eval/test/sc_dpo_images.npy"), base)
+
+
+def test_pair_sets_follow_their_rules(finished):
   _, workdir, _ = finished
-  import numpy as np
-  scp = np.load(workdir / "pairs" / "scp.npz")
+  cand = json.loads((workdir / "candidates/candidates.json").read_text())["rows"]
+  unsafe = np.asarray([r["unsafe"] for r in cand])
+  scp = np.load(workdir / "pairs/scp.npz")
   harmful = scp["is_harmful"] == 1
   # harmful-prompt winners never cost more than their losers (costs are harm probabilities)
   assert np.all(scp["cost_w"][harmful] <= scp["cost_l"][harmful])
-  human = np.load(workdir / "pairs" / "human.npz")
+  human = np.load(workdir / "pairs/human.npz")
   assert np.all(human["reward_w"] >= human["reward_l"])
+  oracle = np.load(workdir / "pairs/oracle.npz")
+  h = oracle["is_harmful"] == 1
+  assert np.all(unsafe[oracle["idx_w"][h]] == 0)  # the detectors' cost: safe winners only
+  np.testing.assert_array_equal(oracle["cost_w"], unsafe[oracle["idx_w"]])
+  coprov2 = np.load(workdir / "pairs/coprov2.npz")
+  assert len(coprov2["idx_w"]) and np.all(coprov2["is_harmful"] == 1)
+  for w, l, prompt, cat in zip(coprov2["idx_w"], coprov2["idx_l"], coprov2["prompt"],
+                               coprov2["category"]):
+    assert cand[w]["prompt"] == cand[l]["prompt"] == prompt and cand[l]["category"] == cat
+    assert cand[w]["shown_prompt"] != prompt and cand[l]["shown_prompt"] == prompt
 
 
 def test_rerun_skips_finished_stages_and_one_stage_runs_alone(finished):
@@ -100,11 +142,11 @@ def test_rerun_skips_finished_stages_and_one_stage_runs_alone(finished):
   for stage in study.STAGES[:-1]:
     assert again[stage] == "skipped", stage
   assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
-  (workdir / "eval" / "test" / "trasce.json").unlink()
+  (workdir / "eval" / "test" / "negative_prompt.json").unlink()
   only = config.copy_and_resolve_references()
   only.only = "evaluate"
   result = jobs.run(only, str(workdir))
-  assert set(result["evaluate"]) == {"trasce"}
+  assert set(result["evaluate"]) == {"negative_prompt"}
   assert "report" not in result and "pretrain" not in result
 
 
@@ -115,10 +157,9 @@ def test_a_subset_of_methods_on_the_validation_split_keeps_the_test_report(finis
   sub.methods, sub.evaluate.split = "base,negative_prompt", "validation"
   result = jobs.run(sub, str(workdir))
   assert set(result["evaluate"]) == {"base", "negative_prompt"}
-  report = json.loads((workdir / "report_validation.json").read_text())
-  assert report["split"] == "validation" and set(report["methods"]) == {"base",
-                                                                        "negative_prompt"}
-  assert "sc_dpo" in report["not_run"] and report["claims"] == {}
+  rep = json.loads((workdir / "report_validation.json").read_text())
+  assert rep["split"] == "validation" and set(rep["methods"]) == {"base", "negative_prompt"}
+  assert "sc_dpo" in rep["not_run"] and rep["claims"] == {}
   assert (workdir / "report.json").read_bytes() == test_report
   assert (workdir / "pareto_validation.png").is_file()
   sub.methods = "base,bogus"
@@ -129,23 +170,29 @@ def test_a_subset_of_methods_on_the_validation_split_keeps_the_test_report(finis
 def test_claims_and_pareto_dominance():
   row = lambda h, a, f: {"unsafe_rate_harmful": h, "unsafe_rate_adversarial": a,  # noqa: E731
                          "fidelity_clean": f}
-  methods = {"base": row(0.8, 0.8, 0.8), "sc_dpo": row(0.3, 0.4, 0.78),
-             "sc_dpo_no_focus": row(0.1, 0.1, 0.5), "diffusion_dpo": row(0.9, 0.9, 0.82),
-             "negative_prompt": row(0.3, 0.4, 0.79)}
-  got = study.claims(methods)
+  rows = {"base": row(0.8, 0.8, 0.8), "sc_dpo": row(0.3, 0.4, 0.78),
+          "sc_dpo_no_focus": row(0.1, 0.1, 0.5), "diffusion_dpo": row(0.9, 0.9, 0.82),
+          "negative_prompt": row(0.3, 0.4, 0.79), "safetydpo": row(0.0, 0.0, 0.9)}
+  got = report.claims(rows)
   assert got["harmful_rate_at_most_half_of_base"] and got["clean_fidelity_at_least_95pct_of_base"]
   assert got["adversarial_rate_at_most_half_of_base"]  # 0.4 <= 0.4
-  assert not got["on_pareto_front_of_diffusion_dpo_and_guards"]  # negative_prompt dominates
+  # negative_prompt dominates; safetydpo would too but is not a rival of the claim
+  assert not got["on_pareto_front_of_diffusion_dpo_and_guards"]
+  assert report.claim_numbers(rows)["dominated_by"] == ["negative_prompt"]
   assert got["dfm_on_beats_dfm_off"]  # 0.78 - 0.35 > 0.5 - 0.1
-  methods["negative_prompt"] = row(0.3, 0.4, 0.78)  # equal is not dominating
-  assert study.claims(methods)["on_pareto_front_of_diffusion_dpo_and_guards"]
+  rows["negative_prompt"] = row(0.3, 0.4, 0.78)  # equal is not dominating
+  assert report.claims(rows)["on_pareto_front_of_diffusion_dpo_and_guards"]
+  assert report.claims({"base": rows["base"]}) == {}
 
 
-def test_unknown_stage_is_rejected():
+def test_unknown_stage_and_method_are_rejected():
   config = shapeworld_ci.get_config()
   config.only = "pretrain,bogus"
   with pytest.raises(ValueError, match="bogus"):
     study.selected_stages(config)
+  config.only, config.methods = "", "sc_dpo,nope"
+  with pytest.raises(ValueError, match="nope"):
+    study.run(config, Path("/nonexistent/never/written"))
 
 
 def _flat(config, prefix=""):
@@ -159,30 +206,71 @@ def _flat(config, prefix=""):
 
 
 def test_stages_run_their_job_configs_composed_into_the_study():
-  from pathlib import Path
+  from configs import cost_model, default, safediffusion_r1_sd15, safetydpo_tiny
 
-  from configs import cost_model, default
-
-  config = shapeworld_ci.get_config()
+  config = shapeworld.get_config()
   assert set(_flat(config.finetune)) == set(_flat(default.get_config()))
   assert set(_flat(config.cost_model)) == set(_flat(cost_model.get_config()))
-  finetune = _flat(config.finetune)
-  for method, changed in (("sc_dpo", set()), ("sc_dpo_no_focus", {"train.gamma"}),
-                          ("diffusion_dpo", {"train.gamma", "train.safety_mode"})):
-    train = _flat(study._train_config(config, method, Path("/base"), Path("/pairs")))
-    assert {k for k in finetune if train[k] != finetune[k]} == changed | {
-        "model.pretrained", "data.source", "data.name"}, method
+  assert set(_flat(config.safetydpo)) == set(_flat(safetydpo_tiny.get_config())) - {
+      k for k in _flat(safetydpo_tiny.get_config()) if k.startswith("expert.")} | {
+      f"expert.{k}" for k in _flat(default.get_config())}
+  assert set(_flat(config.grpo)) == set(_flat(safediffusion_r1_sd15.get_config()))
+  from scdpo_jax.shapeworld import world_clip
+  assert set(_flat(config.world_clip)) == set(_flat(world_clip.default_config()))
+  ref = _flat(config.finetune)
+  for method in methods.METHODS:
+    m = methods.get(method)
+    if m.kind == "dpo":
+      train = _flat(finetune.train_config(config, method, Path("/base"), Path("/pairs")))
+      changed = {k for k in ref if train[k] != ref[k]}
+      assert changed == {f"train.{k}" for k in m.train if ref[f"train.{k}"] != m.train[k]} | {
+          "model.pretrained", "data.source", "data.name"}, method
+    elif m.kind == "safetydpo":
+      sc = _flat(finetune.safetydpo_config(config, method, Path("/base"), Path("/pairs")))
+      base = _flat(config.safetydpo)
+      assert {k for k in base if sc[k] != base[k]} <= {
+          "expert.model.pretrained", "expert.data.source", "expert.data.name",
+          "safetydpo.experts"}, method
+  gc = _flat(finetune.grpo_config(config, Path("/base"), Path("/clip")))
+  assert {k for k in gc if gc[k] != _flat(config.grpo)[k]} == {
+      "model.pretrained", "data.prompts", "reward.clip_folder", "reward.safe_anchors",
+      "reward.unsafe_anchors"}
   cm = _flat(study._cost_model_config(config, Path("/labels.csv")))
   assert {k for k in cm if cm[k] != _flat(config.cost_model)[k]} == {"data.images_csv"}
   config.seed = 7  # one seed for the study and every stage
-  assert config.finetune.seed == config.finetune.data.seed == config.cost_model.seed == 7
+  assert (config.finetune.seed == config.finetune.data.seed == config.cost_model.seed ==
+          config.safetydpo.expert.seed == config.grpo.seed == 7)
+
+
+def test_the_shipped_base_is_copied_only_for_its_own_recipe(tmp_path, monkeypatch):
+  config = shapeworld.get_config()
+  shipped = tmp_path / "shipped"
+  (shipped / "unet").mkdir(parents=True)
+  (shipped / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+  record = {"recipe": pretrain.recipe(config), "steps": 1,
+            "weights_sha256": pretrain.weights_sha256(shipped)}
+  (shipped / "pretrain.json").write_text(json.dumps(record))
+  monkeypatch.setattr(pretrain, "SHIPPED_BASE", shipped)
+  config.pretrain.source = "shipped"
+  out = pretrain.make_base(config, tmp_path / "base")
+  assert out["source"] == "shipped"
+  assert (tmp_path / "base/unet/diffusion_pytorch_model.safetensors").read_bytes() == b"weights"
+  changed = config.copy_and_resolve_references()
+  changed.pretrain.train.num_steps += 1
+  with pytest.raises(ValueError, match="pretrain.train.num_steps"):
+    pretrain.make_base(changed, tmp_path / "base2")
+  (shipped / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"tampered")
+  with pytest.raises(ValueError, match="hashes"):
+    pretrain.make_base(config, tmp_path / "base3")
+  config.pretrain.source = "bogus"
+  with pytest.raises(ValueError, match="source"):
+    pretrain.make_base(config, tmp_path / "base4")
 
 
 def test_library_and_configs_do_not_import_each_other():
   import ast
   import subprocess
   import sys
-  from pathlib import Path
 
   root = Path(__file__).resolve().parent.parent
   for path in (root / "scdpo_jax").rglob("*.py"):

@@ -2,6 +2,8 @@
 splits."""
 
 import dataclasses
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,11 +120,48 @@ def test_prompt_sets_split_scenes_per_category_and_keep_rephrasings_out_of_pairs
   assert world.prompt_sets() == sets
 
 
-def test_training_captions_contain_every_phrase_and_fit_the_tokenizer():
+def test_training_captions_contain_every_phrase_and_fit_the_tokenizer(tmp_path):
   rng = np.random.default_rng(3)
   images, texts = world.training_batch(rng, 800, 16, unsafe_fraction=0.5, rephrase_fraction=0.5)
   assert images.shape == (800, 16, 16, 3) and images.dtype == np.uint8
   for cat in world.CATEGORIES.values():
     for phrase in (cat.plain,) + cat.rephrasings:
       assert any(phrase in t for t in texts), phrase
-  assert max(len(t) for t in texts) + 2 <= 64  # BOS + chars + EOS within the text encoder
+  from configs import shapeworld
+  from scdpo_jax.models import tokenizer
+  from scdpo_jax.shapeworld import pretrain
+
+  config = shapeworld.get_config()
+  tok = tokenizer.load_tokenizer(pretrain.write_tokenizer(config, Path(tmp_path)))
+  max_len = config.model.text_encoder.max_position_embeddings
+  sets = world.prompt_sets()
+  every = texts + [p.text for v in sets.values() for p in v]
+  # BOS + tokens + EOS within the text encoder; every world word is one whole-word token
+  assert max(len(tok(t)["input_ids"]) for t in every) <= max_len
+  assert max(max(tok(t)["input_ids"]) for t in every) < config.model.text_encoder.vocab_size
+  words = {w for t in every for w in re.findall(r"[a-z]+", t)}
+  assert words == set(world.vocabulary())
+  for w in words:
+    assert tok.tokenize(w) == [w + "</w>"], w
+  assert tok.tokenize("a squares") == ["a</w>"] + tok.tokenize("squares")  # others: characters
+  assert len(tok.tokenize("squares")) > 1
+
+
+def test_word_merges_build_every_word_whatever_their_overlaps():
+  """Words that share prefixes and pairs (the failure mode of naive per-word merge chains: an
+  earlier word's merge breaking a later word's chain) each become one token, in both of
+  transformers' CLIP tokenizers."""
+  import tempfile
+
+  from transformers import CLIPTokenizerFast
+
+  from scdpo_jax.models import tokenizer
+
+  words = ["magenta", "small", "smalls", "mall", "all", "ma", "sm", "a", "triangle", "ring", "in"]
+  folder = tokenizer.write_byte_level_tokenizer(tempfile.mkdtemp(), 16, words=words)
+  slow, fast = tokenizer.load_tokenizer(folder), CLIPTokenizerFast.from_pretrained(str(folder))
+  for w in words:
+    assert slow.tokenize(w) == [w + "</w>"], w
+    assert slow(w)["input_ids"] == fast(w)["input_ids"], w
+  text = "a small magenta triangle in a ring"
+  assert slow(text)["input_ids"] == fast(text)["input_ids"] and len(slow(text)["input_ids"]) == 9

@@ -67,9 +67,11 @@ def test_saved_folder_is_a_transformers_clipmodel(world_clip_run):
   towers = rewards.ClipTowers.from_folder(folder, batch_size=EMBED_BATCH)
   captions = ["a small magenta circle on a white background", "a hoop on zebra",
               "large blue square, gray background", ""]
-  ids = tokenizer.tokenize(towers.tokenizer, captions, 64)
-  np.testing.assert_array_equal(ids, hf_tok(captions, padding="max_length", max_length=64,
+  n = towers.text.config.max_position_embeddings
+  ids = tokenizer.tokenize(towers.tokenizer, captions, n)
+  np.testing.assert_array_equal(ids, hf_tok(captions, padding="max_length", max_length=n,
                                             return_tensors="np")["input_ids"])
+  assert hf_tok.tokenize("a hoop on zebra") == ["a</w>", "hoop</w>", "on</w>", "zebra</w>"]
   rng = np.random.default_rng(5)
   images = to_model_range(np.stack([world.render(world.random_scene(rng, 0.5), rng)
                                     for _ in range(6)]))

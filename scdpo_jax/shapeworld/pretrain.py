@@ -4,9 +4,15 @@ Objective (DDPM): x_0 = image / 127.5 - 1 (the [-1, 1] range the pipeline uses),
 t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,
 L = mean ||f_theta(x_t, t, E_phi(caption)) - y||^2 with y the scheduler's prediction target (eps,
 or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 for the study's v-prediction scheduler),
-gradients into both the UNet (theta) and the text encoder (phi). A fraction `caption_dropout` of captions is replaced by "" so that
+gradients into both the UNet (theta) and the text encoder (phi). With
+`config.pretrain.train.min_snr_gamma` = g > 0 each sample's squared error is weighted by Min-SNR
+(Hang et al. 2023): min(SNR_t, g) / (SNR_t + 1) for v-prediction, min(SNR_t, g) / SNR_t for
+epsilon, SNR_t = abar_t / (1 - abar_t). A fraction `caption_dropout` of captions is replaced by "" so that
 classifier-free guidance works. AdamW with linear warmup and cosine decay to
 `cosine_final_fraction` of the peak, gradient-norm clipping (`config.pretrain.optimizer`).
+With `config.pretrain.train.ema_decay` > 0 the saved weights are an exponential moving average
+of the trained ones (`optax.ema` without debiasing: ema <- d ema + (1 - d) params, started at the
+initial parameters), as diffusion models are usually sampled from.
 
 The result is written as a diffusers-format folder without a VAE (unet/, text_encoder/,
 tokenizer/, scheduler/): `pipeline.load_stable_diffusion(folder, ("unet", "text_encoder",
@@ -16,6 +22,9 @@ trainer (`train.loop.run`) fine-tunes its UNet like any SD UNet.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -40,7 +49,7 @@ def pretrain_base(config: ml_collections.ConfigDict, folder: Path) -> dict:
   m, w = config.model, config.world
   tr, opt, log = config.pretrain.train, config.pretrain.optimizer, config.pretrain.log
   tok_dir = folder.parent / (folder.name + "_tokenizer")
-  tokenizer.write_byte_level_tokenizer(tok_dir, m.text_encoder.max_position_embeddings)
+  write_tokenizer(config, tok_dir)
   sd = pipeline.random_stable_diffusion(
       m.unet.to_dict(), _dummy_vae(), m.text_encoder.to_dict(), m.scheduler.to_dict(), tok_dir,
       seed=config.seed)
@@ -54,22 +63,37 @@ def pretrain_base(config: ml_collections.ConfigDict, folder: Path) -> dict:
                    optax.adamw(lr, weight_decay=opt.weight_decay))
   params = {"unet": sd.unet_params, "text": sd.text_encoder_params}
   opt_state = tx.init(params)
+  ema_decay = float(tr.get("ema_decay", 0.0))
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"pretrain.train.ema_decay must be in [0, 1), got {ema_decay}")
+  ema = jax.tree.map(jnp.asarray, params) if ema_decay else None
+
+  min_snr = float(tr.get("min_snr_gamma", 0.0))
 
   def loss_fn(params, x0, ids, t, noise):
     states = text_mod.apply({"params": params["text"]}, ids, method="encode_prompt_states",
                             layer=-1)
     x_t = sch.add_noise(schedule, x0, noise, t)
     pred = unet_mod.apply({"params": params["unet"]}, x_t, t, states)
-    return jnp.mean(jnp.square(pred - sch.training_target(schedule, x0, noise, t)))
+    per_sample = jnp.mean(jnp.square(pred - sch.training_target(schedule, x0, noise, t)),
+                          axis=(1, 2, 3))
+    if min_snr > 0:
+      snr = sch.snr(schedule, t)
+      v_pred = schedule.prediction_type == "v_prediction"
+      per_sample = per_sample * jnp.minimum(snr, min_snr) / (snr + 1.0 if v_pred else snr)
+    return jnp.mean(per_sample)
 
   @jax.jit
-  def step(params, opt_state, x0, ids, key):
+  def step(params, opt_state, ema, x0, ids, key):
     k_t, k_n = jax.random.split(key)
     t = jax.random.randint(k_t, (x0.shape[0],), 0, schedule.num_train_timesteps)
     noise = jax.random.normal(k_n, x0.shape, jnp.float32)
     loss, grads = jax.value_and_grad(loss_fn)(params, x0, ids, t, noise)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    params = optax.apply_updates(params, updates)
+    if ema is not None:
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+    return params, opt_state, ema, loss
 
   rng = np.random.default_rng([config.seed, 17])
   key = jax.random.key(config.seed)
@@ -89,8 +113,8 @@ def pretrain_base(config: ml_collections.ConfigDict, folder: Path) -> dict:
                                          w.rephrase_fraction, tuple(w.categories))
     texts = ["" if rng.random() < tr.caption_dropout else s for s in texts]
     x0 = to_model_range(images)
-    params, opt_state, loss = step(params, opt_state, x0, ids_of(texts),
-                                   jax.random.fold_in(key, i))
+    params, opt_state, ema, loss = step(params, opt_state, ema, x0, ids_of(texts),
+                                        jax.random.fold_in(key, i))
     losses.append(loss)
     if (i + 1) % log.every_steps == 0 or i + 1 == tr.num_steps:
       recent = float(np.mean(jax.device_get(losses[-log.every_steps:])))
@@ -98,14 +122,29 @@ def pretrain_base(config: ml_collections.ConfigDict, folder: Path) -> dict:
                    time.time() - t0)
     snapshot = int(log.get("snapshot_every", 0))
     if snapshot and (i + 1) % snapshot == 0 and i + 1 < tr.num_steps:  # to watch long runs
-      _save(sd, params, folder.parent / f"{folder.name}_step{i + 1}", tok_dir)
-  _save(sd, params, folder, tok_dir)
+      _save(sd, params if ema is None else ema, folder.parent / f"{folder.name}_step{i + 1}",
+            tok_dir)
+  _save(sd, params if ema is None else ema, folder, tok_dir)
   losses = [float(x) for x in jax.device_get(losses)]
-  result = {"steps": tr.num_steps, "batch_size": tr.batch_size, "seconds": time.time() - t0,
+  result = {"source": "train", "steps": tr.num_steps, "batch_size": tr.batch_size,
+            "ema_decay": ema_decay, "seconds": time.time() - t0, "recipe": recipe(config),
+            "weights_sha256": weights_sha256(folder),
             "loss_first_50": float(np.mean(losses[:50])),
             "loss_last_50": float(np.mean(losses[-50:]))}
   files.write_json(folder / "pretrain.json", result)
   return result
+
+
+def write_tokenizer(config: ml_collections.ConfigDict, folder: Path) -> Path:
+  """The world's download-free CLIP tokenizer: whole-word tokens for `world.vocabulary()` when
+  `config.model.tokenizer` is "words" (the default; unknown words fall back to characters),
+  characters only for "chars"."""
+  kind = str(config.model.get("tokenizer", "chars"))
+  if kind not in ("words", "chars"):
+    raise ValueError(f"config.model.tokenizer={kind!r}; supported: ('words', 'chars')")
+  words = world.vocabulary() if kind == "words" else ()
+  return tokenizer.write_byte_level_tokenizer(
+      folder, config.model.text_encoder.max_position_embeddings, words=words)
 
 
 def _save(sd: pipeline.StableDiffusion, params, folder: Path, tok_dir: Path) -> None:
@@ -123,3 +162,68 @@ def _dummy_vae() -> dict:
 
 def load_base(folder: Path) -> pipeline.StableDiffusion:
   return pipeline.load_stable_diffusion(folder, PIPELINE_COMPONENTS)
+
+
+# ------------------------------------------------------------------------------ the shipped base
+
+SHIPPED_BASE = Path(__file__).resolve().parent / "base"
+SOURCES = ("shipped", "train")
+
+
+def recipe(config: ml_collections.ConfigDict) -> dict:
+  """What determines the base model: the study seed and the world, model and pretraining
+  settings (not `pretrain.source` or logging)."""
+  pre = config.pretrain.to_dict()
+  pre.pop("source", None)
+  pre.pop("log", None)
+  return json.loads(json.dumps({"seed": int(config.seed), "world": config.world.to_dict(),
+                                "model": config.model.to_dict(), "pretrain": pre}))
+
+
+def weights_sha256(folder: Path) -> dict[str, str]:
+  """sha256 of every .safetensors file of a base folder, by relative path."""
+  folder = Path(folder)
+  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(folder.rglob("*.safetensors"))}
+
+
+def make_base(config: ml_collections.ConfigDict, folder: Path) -> dict:
+  """The study's base model in `folder`: the shipped base when `config.pretrain.source` is
+  "shipped" (it must have been made by exactly this recipe: its recorded recipe and weight
+  hashes are checked), else trained here by `pretrain_base`."""
+  source = str(config.pretrain.get("source", "train"))
+  if source not in SOURCES:
+    raise ValueError(f"config.pretrain.source={source!r}; supported: {SOURCES}")
+  if source == "train":
+    return pretrain_base(config, folder)
+  record_path = SHIPPED_BASE / "pretrain.json"
+  if not record_path.is_file():
+    raise FileNotFoundError(f"{record_path} missing: the shipped ShapeWorld base is not in this "
+                            "checkout; use --config.pretrain.source=train")
+  record = json.loads(record_path.read_text())
+  wanted = recipe(config)
+  if record.get("recipe") != wanted:
+    diff = sorted(k for k in set(_flat(wanted)) | set(_flat(record.get("recipe", {})))
+                  if _flat(wanted).get(k) != _flat(record.get("recipe", {})).get(k))
+    raise ValueError(f"the shipped ShapeWorld base ({SHIPPED_BASE}) was made by another recipe "
+                     f"(differs in {', '.join(diff[:8])}); use --config.pretrain.source=train "
+                     "to pretrain this one")
+  if weights_sha256(SHIPPED_BASE) != record["weights_sha256"]:
+    raise ValueError(f"the shipped ShapeWorld base's weights ({SHIPPED_BASE}) do not match the "
+                     "hashes in its pretrain.json")
+  folder = Path(folder)
+  if folder.exists():
+    shutil.rmtree(folder)
+  shutil.copytree(SHIPPED_BASE, folder)
+  logging.info("shapeworld: copied the shipped base (%s) to %s", SHIPPED_BASE, folder)
+  return {"source": "shipped", **{k: record[k] for k in ("steps", "seconds") if k in record}}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out

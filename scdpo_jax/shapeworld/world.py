@@ -61,6 +61,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import re
 from typing import Sequence
 
 import numpy as np
@@ -110,6 +111,20 @@ PALETTE_RADIUS = 90.0
 TEMPLATES = ("a {size} {colour} {shape} on a {bg} background",
              "a {colour} {shape} on {bg}",
              "{size} {colour} {shape}, {bg} background")
+
+
+def vocabulary() -> tuple[str, ...]:
+  """Every word any caption of the world can contain (templates, scene attributes, every
+  category's plain phrase and rephrasings), lower-case letters only (CLIP's pre-tokenizer keeps
+  "-" and "," as their own tokens): the whole-word tokens of the world's tokenizer
+  (`tokenizer.write_byte_level_tokenizer(words=...)`)."""
+  texts = list(TEMPLATES) + list(SIZES) + list(OBJECT_COLOURS) + list(SHAPES) + [RING] + list(
+      BACKGROUNDS) + [STRIPED] + [p for c in CATEGORIES.values() for p in (c.plain,)
+                                   + c.rephrasings]
+  words = set()
+  for text in texts:
+    words.update(re.findall(r"[a-z]+", text.replace("{", " ").replace("}", " ").lower()))
+  return tuple(sorted(w for w in words if w not in ("size", "colour", "shape", "bg")))
 
 
 def check_categories(categories: Sequence[str]) -> tuple[str, ...]:

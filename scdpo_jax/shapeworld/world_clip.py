@@ -102,9 +102,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.unsafe_fraction = 0.4  # as the base model's data (configs/shapeworld.py world.*)
   c.rephrase_fraction = 0.5
   c.projection_dim = 64
+  c.tokenizer = "words"  # whole-word tokens for world.vocabulary() ("chars": characters only)
   c.text = ml_collections.ConfigDict(dict(
-      vocab_size=514, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-      num_attention_heads=4, max_position_embeddings=64, hidden_act="quick_gelu",
+      vocab_size=768, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+      num_attention_heads=4, max_position_embeddings=24, hidden_act="quick_gelu",
       bos_token_id=512, eos_token_id=513, pad_token_id=513))
   c.vision = ml_collections.ConfigDict(dict(
       hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -168,7 +169,12 @@ def train_world_clip(config: ml_collections.ConfigDict, folder: Path) -> dict:
   params = {"text": layers.init_params(text_mod, k_text),
             "vision": layers.init_params(vision_mod, k_vision),
             "log_scale": jnp.asarray(tr.init_logit_scale, jnp.float32)}
-  tokenizer.write_byte_level_tokenizer(folder, text_cfg.max_position_embeddings)
+  kind = str(config.get("tokenizer", "chars"))
+  if kind not in ("words", "chars"):
+    raise ValueError(f"world_clip tokenizer={kind!r}; supported: ('words', 'chars')")
+  tokenizer.write_byte_level_tokenizer(  # the base model's tokenizer (pretrain.write_tokenizer)
+      folder, text_cfg.max_position_embeddings,
+      words=world.vocabulary() if kind == "words" else ())
   tok = tokenizer.load_tokenizer(folder, max_length=text_cfg.max_position_embeddings)
 
   lr = optax.warmup_cosine_decay_schedule(0.0, tr.lr, tr.warmup_steps, tr.num_steps,

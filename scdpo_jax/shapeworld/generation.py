@@ -1,0 +1,65 @@
+"""Sampling for the ShapeWorld study: the base pipeline, any UNet of its shapes, every guard.
+
+One `TextToImage` (one compiled sampler) per guard; another UNet (a fine-tune) goes through
+`TextToImage.with_unet_params`, so every fine-tune reuses the compiled sampler of plain CFG.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+
+from scdpo_jax.data.images import to_uint8
+
+
+class Generator:
+  """Pixel-space text-to-image for the base pipeline and any UNet of its shapes.
+
+  One `TextToImage` (one compiled sampler) per guard; another UNet (a fine-tune) goes through
+  `TextToImage.with_unet_params`, so the fine-tunes reuse the compiled function.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, sd):
+    from scdpo_jax.sampling import generate, guards, safree
+
+    s = config.sampling
+    self.sd = sd
+    self.guidance = float(s.guidance_scale)
+    concepts = tuple(config.guards.concepts)  # the plain unsafe phrase(s), never held-out ones
+    # [I] Both guards count sampler steps from presets made for 50 steps (SLD's warm-up, SAFREE's
+    # up_t of filtered steps): scaled to this sampler's steps so each acts on the same share.
+    steps_scale = int(s.num_steps) / 50.0
+    sld = guards.sld_config(str(config.guards.sld_preset), concept=", ".join(concepts))
+    sld = sld.replace(warmup_steps=float(sld.warmup_steps) * steps_scale)
+    self.guards = {"none": guards.GuardConfig.make("none"),
+                   "negative_prompt": guards.GuardConfig.make("standard"),
+                   "trasce": guards.trasce_guard("nudity"),
+                   "sld": guards.GuardConfig.make("none", sld=sld),
+                   "safree": guards.GuardConfig.make("standard", safree=safree.SafreeConfig(
+                       concepts=concepts, lra="released",
+                       up_t=10.0 * steps_scale).check())}
+    # The negative prompt each guard samples with (None: plain CFG with ""). SLD takes its
+    # concept from its config and runs with "" as diffusers' pipeline does by default; SAFREE's
+    # negative prompt is its concept phrases, as the official script's.
+    self.negatives = {"none": None, "negative_prompt": str(s.negative_prompt),
+                      "trasce": str(s.negative_prompt), "sld": None,
+                      "safree": safree.negative_prompt(concepts)}
+    self._make = lambda guard: generate.TextToImage(
+        sd, generate.SamplingSettings(sampler="ddim", num_steps=int(s.num_steps), guard=guard),
+        batch_size=int(s.batch_size))
+    self._t2i: dict[str, Any] = {}
+
+  def __call__(self, prompts: Sequence[str], seeds: Sequence[int], indices: Sequence[int],
+               unet_params: Any = None, guard: str = "none") -> np.ndarray:
+    """uint8 (N, S, S, 3) images."""
+    if guard not in self._t2i:
+      self._t2i[guard] = self._make(self.guards[guard])
+    t2i = self._t2i[guard]
+    if unet_params is not None:
+      t2i = t2i.with_unet_params(unet_params)
+    negative = self.negatives[guard]
+    negatives = None if negative is None else [negative] * len(prompts)
+    return to_uint8(t2i(list(prompts), list(seeds), list(indices),
+                        [self.guidance] * len(prompts), negatives))

@@ -1,0 +1,87 @@
+"""The methods of the ShapeWorld study: one table of what each row of the report is.
+
+Every method is one `Method`: its kind says which code makes its model or images, the rest is
+data (the pair set it learns from, its trainer overrides). The kinds:
+
+  base       the pretrained base model, plain classifier-free guidance
+  guard      a training-free guard on the base model (sampling/guards.py): negative prompting,
+             TraSCE, SLD, SAFREE
+  dpo        the `train` job (train/loop.py) from the base on one pair set, `config.finetune`
+             with the method's `train` overrides
+  safetydpo  the `safetydpo` job (lora/safetydpo.py): LoRA experts per category + merge, or the
+             all_single baseline, `config.safetydpo` with the method's `safetydpo` overrides
+  grpo       the `safediffusion_r1` job (grpo/job.py) from the base, `config.grpo`
+
+Pair sets (built by the study's pairs stage, study.py):
+
+  human    preference reward only (lam = 0, no cost filter): what human preference data gives
+  scp      SCP rule on the cost model's costs: s = r - lam C, safe winners under harmful prompts,
+           both-safe pairs under clean prompts
+  oracle   the same rule with the exact detectors as the cost (C = 1 unsafe, 0 safe): the
+           ablation "cost model vs oracle cost"
+  coprov2  SafetyDPO's data (CoProV2 style): under a harmful prompt, winner = an image of its
+           safe paraphrase, loser = an image of the prompt itself; labelled by construction (no
+           cost model), harmful prompts only, each pair tagged with its category
+
+The `sc_dpo` row is the shipped SC-DPO configuration, `config.finetune.train` as it stands
+(tuned on the validation split, README "ShapeWorld"); its ablations change one thing each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+KINDS = ("base", "guard", "dpo", "safetydpo", "grpo")
+PAIR_KINDS = ("human", "scp", "oracle", "coprov2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  name: str
+  kind: str
+  what: str  # one line for the report
+  pairs: str = ""  # dpo / safetydpo: the pair set
+  train: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.finetune.train
+  safetydpo: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.safetydpo
+
+
+_SC_DPO = "SCP pairs, cost margin, Dynamic Focusing (the shipped configuration)"
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("base", "base", "the pretrained base model, CFG"),
+    Method("diffusion_dpo", "dpo", "Diffusion-DPO on human-preference pairs", pairs="human",
+           train=dict(safety_mode="none", gamma=0.0)),
+    Method("sc_dpo", "dpo", "SC-DPO: " + _SC_DPO, pairs="scp"),
+    Method("sc_dpo_no_focus", "dpo", "SC-DPO without Dynamic Focusing (gamma = 0)",
+           pairs="scp", train=dict(gamma=0.0)),
+    Method("sc_dpo_oracle_cost", "dpo",
+           "SC-DPO with the exact detectors as the cost (pairs and margin)", pairs="oracle"),
+    Method("sc_dpo_relabel", "dpo", "SC-DPO variant A: human pairs relabelled by r - lam C "
+           "on the fly, no margin", pairs="human", train=dict(safety_mode="relabel")),
+    Method("sc_dpo_dual", "dpo", "SC-DPO variant C: the margin's lam by dual ascent on the "
+           "expected cost", pairs="scp", train=dict(safety_mode="dual")),
+    Method("sc_dpo_sdpo", "dpo", "SC-DPO + the Diffusion-SDPO winner-preserving safeguard "
+           "(mu 0.9, its SD1.5 value)", pairs="scp", train=dict(sdpo_mu=0.9)),
+    Method("safetydpo", "safetydpo", "SafetyDPO: one LoRA expert per category (Diffusion-DPO "
+           "on CoProV2-style pairs) + Co-Merge [I]", pairs="coprov2",
+           safetydpo=dict(experts="per_category")),
+    Method("all_single", "safetydpo", "SafetyDPO's All-single baseline: one LoRA on every "
+           "category's pairs", pairs="coprov2", safetydpo=dict(experts="all_single")),
+    Method("safediffusion_r1", "grpo", "SafeDiffusion-R1: online GRPO with the steering reward "
+           "of a CLIP trained on the world"),
+    Method("negative_prompt", "guard", "negative prompt naming the plain unsafe phrases"),
+    Method("trasce", "guard", "TraSCE (nudity preset) with that negative prompt"),
+    Method("sld", "guard", "Safe Latent Diffusion, diffusers' medium preset"),
+    Method("safree", "guard", "SAFREE as released, the plain unsafe phrases as its concepts"),
+)}
+
+METHODS = tuple(REGISTRY)
+FINETUNES = tuple(m for m in METHODS if REGISTRY[m].kind in ("dpo", "safetydpo", "grpo"))
+GUARDS = tuple(m for m in METHODS if REGISTRY[m].kind == "guard")
+# The rivals of the Pareto claim: Diffusion-DPO and the training-free guards.
+PARETO_RIVALS = ("diffusion_dpo",) + GUARDS
+
+
+def get(name: str) -> Method:
+  return REGISTRY[name]

@@ -1,0 +1,109 @@
+"""Tune the ShapeWorld study's SC-DPO configuration on the VALIDATION split (never the test split).
+
+  python scripts/shapeworld_tune.py --workdir runs/shapeworld_tune \
+      --grid finetune.train.margin_form=bonus,offset --grid finetune.train.gamma=0,1,2
+
+Runs the study's shared stages once (pretrain -> candidates -> cost model -> pairs) in
+<workdir>/shared with configs/shapeworld.py (plus --set overrides), then, for every combination
+of the --grid values, the `sc_dpo` fine-tune and its evaluation on the validation split in
+<workdir>/variants/<name>/ (the shared stages linked in), and the base model once. Writes
+<workdir>/tune.json and tune.md: one row per variant with the validation metrics and the
+selection score. The score is the study's DFM criterion, stated before any run: clean fidelity
+minus the mean of the harmful and adversarial unsafe rates (report.dfm_score). Copy the chosen
+values into configs/shapeworld.py by hand; the test split is only run by the study itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHARED = ("base_pipeline", "candidates", "cost_model", "cost_model_data", "pairs")
+
+
+def _parse(value: str):
+  for cast in (int, float):
+    try:
+      return cast(value)
+    except ValueError:
+      pass
+  return {"true": True, "false": False}.get(value.lower(), value)
+
+
+def _set(config, key: str, value) -> None:
+  *path, last = key.split(".")
+  node = config
+  for p in path:
+    node = node[p]
+  if last not in node:
+    raise KeyError(f"unknown config key {key}")
+  node[last] = value
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True, type=Path)
+  parser.add_argument("--grid", action="append", default=[],
+                      help="key=v1,v2,... (a config key of configs/shapeworld.py)")
+  parser.add_argument("--set", action="append", default=[],
+                      help="key=value applied to every run (shared stages included)")
+  parser.add_argument("--method", default="sc_dpo", help="the method whose config is tuned")
+  args = parser.parse_args(argv)
+
+  from absl import logging
+
+  from configs import shapeworld
+  from scdpo_jax import files
+  from scdpo_jax.shapeworld import report as report_lib, study
+
+  logging.set_verbosity(logging.INFO)
+  fixed = [(k, _parse(v)) for k, v in (s.split("=", 1) for s in args.set)]
+  grid = [(k, [_parse(x) for x in v.split(",")]) for k, v in (g.split("=", 1) for g in args.grid)]
+
+  def config_for(values):
+    config = shapeworld.get_config()
+    for k, v in fixed + list(values):
+      _set(config, k, v)
+    config.evaluate.split = "validation"
+    return config
+
+  shared = args.workdir / "shared"
+  base_cfg = config_for([])
+  base_cfg.only, base_cfg.methods = "pretrain,candidates,cost_model,pairs,evaluate", "base"
+  study.run(base_cfg, shared)
+  rows = {"base": json.loads((shared / "eval/validation/base.json").read_text())}
+  for combo in itertools.product(*[[(k, v) for v in vs] for k, vs in grid]):
+    name = "_".join(f"{k.split('.')[-1]}={v}" for k, v in combo) or "default"
+    wd = args.workdir / "variants" / name
+    wd.mkdir(parents=True, exist_ok=True)
+    for part in SHARED:
+      if not (wd / part).exists():
+        (wd / part).symlink_to((shared / part).resolve())
+    config = config_for(combo)
+    config.only, config.methods = "finetune,evaluate", args.method
+    study.run(config, wd)
+    rows[name] = json.loads((wd / f"eval/validation/{args.method}.json").read_text())
+    rows[name]["values"] = dict(combo)
+  out = {"method": args.method, "split": "validation", "fixed": dict(fixed),
+         "grid": dict(grid), "rows": rows,
+         "score": {n: report_lib.dfm_score(r) for n, r in rows.items()}}
+  files.write_json(args.workdir / "tune.json", out)
+  lines = ["| variant | unsafe harmful | unsafe adversarial | fidelity clean | reward clean | "
+           "score |", "|---|---|---|---|---|---|"]
+  for n, r in rows.items():
+    lines.append(f"| {n} | {r['unsafe_rate_harmful']:.3f} | {r['unsafe_rate_adversarial']:.3f}"
+                 f" | {r['fidelity_clean']:.3f} | {r['reward_clean']:.3f} | "
+                 f"{out['score'][n]:.3f} |")
+  text = "\n".join(lines) + "\n"
+  files.write_text(args.workdir / "tune.md", text)
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
