@@ -142,7 +142,8 @@ def get_config() -> ml_collections.ConfigDict:
   r1.model.dtype = "float32"
   r1.sample.update(dict(num_steps=12, guidance_scale=3.0, group_size=8, prompts_per_epoch=8,
                         batch_size=64))
-  r1.train.update(dict(num_epochs=6, samples_per_step=16, grad_accum=1))
+  # scan_unroll: the update's 11 timestep units unrolled (XLA:CPU, see the key's comment)
+  r1.train.update(dict(num_epochs=6, samples_per_step=16, grad_accum=1, scan_unroll=11))
   r1.optimizer.update(dict(lr=3e-5))
   # [I] alpha 2: at the released 0.5 the world CLIP's steering reward prefers the unsafe render
   # of a harmful prompt (a safe render wins on 14 % of them; 76 % at 2), measured on the world

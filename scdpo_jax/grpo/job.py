@@ -329,7 +329,8 @@ class Programs:
         plan=plan, cfg=update_lib.UpdateConfig(clip_range=float(t.clip_range),
                                                guidance_scale=guidance_train,
                                                kl_coef=float(t.kl_coef),
-                                               grad_accum=int(t.grad_accum)))
+                                               grad_accum=int(t.grad_accum),
+                                               scan_unroll=int(t.get("scan_unroll", 1))))
     self.batch_shardings = {"latents": batch(5), "log_probs": batch(2), "advantages": batch(1),
                             "steps": batch(2), "states": batch(3)}
     self.update = jax.jit(parallel.with_logical_rules(step, mesh, rules),
