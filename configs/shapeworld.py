@@ -178,8 +178,8 @@ def get_config() -> ml_collections.ConfigDict:
       images_per_scene=2, steering_alpha=r1.reward.get_ref("steering_alpha"), alpha_sweep=(),
       batch_size=64))
 
-  # Fixed before any tuning: the held-out test split, seeds 0-2, 2 images per prompt and seed.
+  # Fixed before any tuning: the held-out test split, seeds 0-2, 1 image per prompt and seed.
   # Tuning runs use --config.evaluate.split=validation (their report is report_validation.*).
   config.evaluate = ml_collections.ConfigDict(dict(split="test", seeds=(0, 1, 2),
-                                                   images_per_prompt=2, grid_clean_prompts=2))
+                                                   images_per_prompt=1, grid_clean_prompts=2))
   return config

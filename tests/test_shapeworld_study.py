@@ -185,6 +185,21 @@ def test_claims_and_pareto_dominance():
   assert report.claims({"base": rows["base"]}) == {}
 
 
+def test_an_interrupted_finetune_stops_the_study_and_is_not_marked_done(tmp_path, monkeypatch):
+  """A fine-tune job that returns preempted (SIGTERM / Ctrl-C, its state saved) is not marked
+  done, and the study stops there with "preempted" (main.py then exits 75: rerun to resume)."""
+  from scdpo_jax.grpo import job as grpo_job
+
+  calls = []
+  monkeypatch.setattr(grpo_job, "run", lambda cfg, wd: calls.append(wd) or {
+      "preempted": True, "end_epoch": 1})
+  config = shapeworld_ci.get_config()
+  out = study.stage_finetune(config, tmp_path, None, ["safediffusion_r1", "sc_dpo"])
+  assert out == {"preempted": True, "method": "safediffusion_r1"} and len(calls) == 1
+  assert not finetune.done(tmp_path, "safediffusion_r1")
+  assert not (finetune.method_dir(tmp_path, "safediffusion_r1") / "done.json").exists()
+
+
 def test_unknown_stage_and_method_are_rejected():
   config = shapeworld_ci.get_config()
   config.only = "pretrain,bogus"

@@ -137,7 +137,8 @@ def pair_dataset(config, workdir: Path, kind: str, sd) -> Path:
 
 
 def run_method(config, workdir: Path, sd, method: str) -> dict:
-  """Train `method` (a dpo, safetydpo or grpo method) unless its export exists; its summary."""
+  """Train `method` (a dpo, safetydpo or grpo method) unless its export exists; its summary,
+  or {"preempted": True} when its job was interrupted (then it is not marked done)."""
   from scdpo_jax.files import write_json
 
   m = methods_lib.get(method)
@@ -171,6 +172,9 @@ def run_method(config, workdir: Path, sd, method: str) -> dict:
                if k in result}
   else:
     raise ValueError(f"{method} ({m.kind}) is not a fine-tune")
+  if result.get("preempted"):  # SIGTERM / Ctrl-C: its state is saved, it is not done
+    logging.warning("shapeworld: finetune %s interrupted; rerun to resume it", method)
+    return {"preempted": True}
   summary["seconds"] = time.time() - t0
   write_json(wd / "done.json", summary)
   logging.info("shapeworld: finetune %s took %.0fs", method, summary["seconds"])

@@ -59,8 +59,11 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            "SC-DPO with the exact detectors as the cost (pairs and margin)", pairs="oracle"),
     Method("sc_dpo_relabel", "dpo", "SC-DPO variant A: human pairs relabelled by r - lam C "
            "on the fly, no margin", pairs="human", train=dict(safety_mode="relabel")),
+    # [I] budget 0.1 on the expected cost under the implicit ranking (losses.policy_cost; costs
+    # are harm probabilities), step 1.0 per optimizer step, lam starting at config's lam
     Method("sc_dpo_dual", "dpo", "SC-DPO variant C: the margin's lam by dual ascent on the "
-           "expected cost", pairs="scp", train=dict(safety_mode="dual")),
+           "expected cost (budget 0.1)", pairs="scp",
+           train=dict(safety_mode="dual", cost_budget=0.1, dual_lr=1.0)),
     Method("sc_dpo_sdpo", "dpo", "SC-DPO + the Diffusion-SDPO winner-preserving safeguard "
            "(mu 0.9, its SD1.5 value)", pairs="scp", train=dict(sdpo_mu=0.9)),
     Method("safetydpo", "safetydpo", "SafetyDPO: one LoRA expert per category (Diffusion-DPO "

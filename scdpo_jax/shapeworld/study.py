@@ -241,7 +241,14 @@ def stage_world_clip(config, workdir: Path) -> dict:
 
 
 def stage_finetune(config, workdir: Path, sd, methods: list[str]) -> dict:
-  return {m: ft_lib.run_method(config, workdir, sd, m) for m in methods}
+  """Every method's fine-tune in turn; stops at the first one interrupted (SIGTERM, Ctrl-C),
+  returning {"preempted": True, "method": it}."""
+  out = {}
+  for m in methods:
+    out[m] = ft_lib.run_method(config, workdir, sd, m)
+    if out[m].get("preempted"):
+      return {"preempted": True, "method": m}
+  return out
 
 
 def evaluate_method(config, gen: Generator, method: str, workdir: Path) -> dict:
@@ -331,6 +338,9 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
       results[stage] = stage_pairs(config, workdir)
     elif stage == "finetune":
       results[stage] = stage_finetune(config, workdir, sd, _trained(config))
+      if results[stage].get("preempted"):  # the command line exits 75: rerun to resume
+        results["preempted"] = True
+        return results
     elif stage == "evaluate":
       todo = [m for m in selected_methods(config)
               if not (ev.eval_dir(config, workdir) / f"{m}.json").is_file()]
