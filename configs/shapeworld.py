@@ -104,9 +104,9 @@ def get_config() -> ml_collections.ConfigDict:
   ft.data.hflip = True
   ft.train.update(dict(loss_type="dpo", beta=2000.0, safety_mode="margin", lam=1.0, gamma=1.0,
                        focus_on="preference",
-                       caption_dropout=0.1, pairs_per_step=32, grad_accum=1, num_steps=80))
+                       caption_dropout=0.1, pairs_per_step=32, grad_accum=1, num_steps=50))
   ft.optimizer.update(dict(lr=3e-4, warmup_steps=8))
-  ft.checkpoint.update(dict(every_steps=80, async_save=False, keep=1))
+  ft.checkpoint.update(dict(every_steps=50, async_save=False, keep=1))
   ft.log.update(dict(every_steps=10, tensorboard=False))
   config.finetune = ft
 

@@ -7,7 +7,8 @@ Runs the study's shared stages once (pretrain -> candidates -> cost model -> pai
 <workdir>/shared with configs/shapeworld.py (plus --set overrides), then, for every combination
 of the --grid values, the `sc_dpo` fine-tune and its evaluation on the validation split in
 <workdir>/variants/<name>/ (the shared stages linked in), and the base model once. Writes
-<workdir>/tune.json and tune.md: one row per variant with the validation metrics and the
+<workdir>/tune.json and tune.md: one row per variant (rows of earlier grids run in the same
+workdir are kept) with the validation metrics and the
 selection score. The score is the study's DFM criterion, stated before any run: clean fidelity
 minus the mean of the harmful and adversarial unsafe rates (report.dfm_score). Copy the chosen
 values into configs/shapeworld.py by hand; the test split is only run by the study itself.
@@ -77,6 +78,9 @@ def main(argv=None) -> int:
   base_cfg.only, base_cfg.methods = "pretrain,candidates,cost_model,pairs,evaluate", "base"
   study.run(base_cfg, shared)
   rows = {"base": json.loads((shared / "eval/validation/base.json").read_text())}
+  previous = args.workdir / "tune.json"
+  if previous.is_file():  # another grid in the same workdir: its rows stay in the table
+    rows = {**json.loads(previous.read_text())["rows"], **rows}
   for combo in itertools.product(*[[(k, v) for v in vs] for k, vs in grid]):
     name = "_".join(f"{k.split('.')[-1]}={v}" for k, v in combo) or "default"
     wd = args.workdir / "variants" / name
