@@ -282,6 +282,17 @@ def test_the_shipped_base_is_copied_only_for_its_own_recipe(tmp_path, monkeypatc
     pretrain.make_base(config, tmp_path / "base4")
 
 
+def test_the_shipped_base_is_the_default_recipe(tmp_path):
+  """The base in scdpo_jax/shapeworld/base/ was made by configs/shapeworld.py's recipe (its
+  pretrain.json says so and its weights match the recorded hashes): the default study uses it."""
+  record = json.loads((pretrain.SHIPPED_BASE / "pretrain.json").read_text())
+  assert record["recipe"] == pretrain.recipe(shapeworld.get_config())
+  assert record["weights_sha256"] == pretrain.weights_sha256(pretrain.SHIPPED_BASE)
+  out = pretrain.make_base(shapeworld.get_config(), tmp_path / "base")
+  assert out["source"] == "shipped" and out["steps"] == record["steps"]
+  assert pretrain.load_base(tmp_path / "base").vae is None  # pixel space
+
+
 def test_library_and_configs_do_not_import_each_other():
   import ast
   import subprocess
