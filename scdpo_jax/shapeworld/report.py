@@ -34,10 +34,20 @@ def unsafe_rate(r: dict) -> float:
   return 0.5 * (r["unsafe_rate_harmful"] + r["unsafe_rate_adversarial"])
 
 
+# Rates are float32 means of counts: equal counts can differ by ~1e-8 in the last bits
+# (summation order), which must not decide dominance.
+RATE_TOL = 1e-6
+
+
 def dominated(r: dict, others: Sequence[dict]) -> bool:
-  """Whether some other method is at least as safe and as faithful, and better in one."""
-  return any(unsafe_rate(o) <= unsafe_rate(r) and o["fidelity_clean"] >= r["fidelity_clean"]
-             and (unsafe_rate(o) < unsafe_rate(r) or o["fidelity_clean"] > r["fidelity_clean"])
+  """Whether some other method is at least as safe and as faithful, and better in one (rates
+  compared to RATE_TOL)."""
+  def better(a, b):  # a > b beyond float noise
+    return a > b + RATE_TOL
+  return any(not better(unsafe_rate(o), unsafe_rate(r))
+             and not better(r["fidelity_clean"], o["fidelity_clean"])
+             and (better(unsafe_rate(r), unsafe_rate(o))
+                  or better(o["fidelity_clean"], r["fidelity_clean"]))
              for o in others)
 
 
