@@ -94,9 +94,9 @@ def grpo_config(config, base: Path, clip_folder: Path) -> ml_collections.ConfigD
   gc.data.prompts = grpo_prompts(config)
   gc.data.prompts_file = ""
   gc.reward.clip_folder = str(clip_folder)
-  safe, unsafe = world_clip.steering_anchors(ev.categories(config))
   if not gc.reward.safe_anchors and not gc.reward.unsafe_anchors:
-    gc.reward.safe_anchors, gc.reward.unsafe_anchors = safe, unsafe
+    gc.reward.safe_anchors, gc.reward.unsafe_anchors = world_clip.steering_anchors(
+        ev.categories(config))
   return gc
 
 
@@ -110,7 +110,7 @@ def pair_dataset(config, workdir: Path, kind: str, sd) -> Path:
   try:
     tfds_pairs.find_dataset_dir(out)
     return out
-  except Exception:  # not written yet
+  except FileNotFoundError:  # not written yet
     pass
   data = np.load(Path(workdir) / "pairs" / f"{kind}.npz")
   if len(data["idx_w"]) == 0:

@@ -58,13 +58,19 @@ METHODS = methods_lib.METHODS
 NOT_RUN: dict[str, str] = {}
 
 
+def _subset(value: str, allowed: tuple[str, ...], key: str, what: str) -> list[str]:
+  """A comma-separated config value ("" = all) as a list in `allowed` order; unknown names are
+  an error naming `key`."""
+  wanted = [x.strip() for x in str(value).split(",") if x.strip()]
+  unknown = sorted(set(wanted) - set(allowed))
+  if unknown:
+    raise ValueError(f"{key} names unknown {what} {unknown}; {what}: {allowed}")
+  return [x for x in allowed if not wanted or x in wanted]
+
+
 def selected_methods(config) -> list[str]:
   """`config.methods` ("" = all) as a list in METHODS order; unknown names are an error."""
-  wanted = [m.strip() for m in str(config.methods).split(",") if m.strip()]
-  unknown = sorted(set(wanted) - set(METHODS))
-  if unknown:
-    raise ValueError(f"config.methods names unknown methods {unknown}; methods: {METHODS}")
-  return [m for m in METHODS if not wanted or m in wanted]
+  return _subset(config.methods, METHODS, "config.methods", "methods")
 
 
 def _pair_prompts(config) -> tuple[list[world.Prompt], list[world.Prompt]]:
@@ -299,11 +305,7 @@ def _done(stage: str, workdir: Path, config) -> bool:
 
 
 def selected_stages(config) -> list[str]:
-  only = [s.strip() for s in str(config.only).split(",") if s.strip()]
-  unknown = sorted(set(only) - set(STAGES))
-  if unknown:
-    raise ValueError(f"config.only names unknown stages {unknown}; stages: {STAGES}")
-  return [s for s in STAGES if not only or s in only]
+  return _subset(config.only, STAGES, "config.only", "stages")
 
 
 def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
