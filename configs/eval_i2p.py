@@ -76,6 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.sampling.sampler = "ddim"  # "ddim" | "dpmsolver++" (2M)
   config.sampling.num_steps = 50
   config.sampling.eta = 0.0  # DDIM only
+  # sampler steps per iteration of the sampler loop (same images): 1 on GPU/TPU; on a CPU, set
+  # it to num_steps for TraSCE's loss guidance (a gradient inside a loop is ~10x slower there)
+  config.sampling.scan_unroll = 1
   config.sampling.timestep_spacing = ""  # "" = scheduler config (leading/trailing/linspace)
   config.sampling.steps_offset = -1  # -1 = scheduler config
   config.sampling.images_per_prompt = 1

@@ -9,6 +9,7 @@
   `StableDiffusionPipeline` given the same x_T (DDIM + negative prompt, DPM-Solver++ + CFG).
 """
 
+import dataclasses
 import numpy as np
 import pytest
 import diffusers
@@ -371,5 +372,10 @@ def test_text_to_image_trasce_runs_on_the_unet(tiny_pipelines):
       num_steps=3, guard=guards.GuardConfig.make("trasce", 50.0, 1.0, 2.0)), batch_size=2)
   images = guarded(PROMPTS, SEEDS, INDICES, GUIDANCE, NEGATIVES)
   assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+  # the unrolled loop (CPU configs) is the same arithmetic as the scanned one
+  unrolled = generate.TextToImage(sd, dataclasses.replace(guarded.settings, scan_unroll=3),
+                                  batch_size=2)
+  np.testing.assert_allclose(unrolled(PROMPTS, SEEDS, INDICES, GUIDANCE, NEGATIVES), images,
+                             atol=1e-5, rtol=0)
   with pytest.raises(ValueError, match="needs negative_prompts"):
     guarded(PROMPTS, SEEDS, INDICES, GUIDANCE)

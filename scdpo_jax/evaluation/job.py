@@ -172,7 +172,7 @@ def _settings(config):
   settings = generate.SamplingSettings(
       sampler=sc.sampler, num_steps=sc.num_steps, eta=sc.eta, height=sc.height or None,
       width=sc.width or None, guard=guard, scheduler_overrides=overrides,
-      text_layer=config.model.text_layer)
+      text_layer=config.model.text_layer, scan_unroll=int(sc.get("scan_unroll", 1)))
   return settings, negative
 
 

@@ -355,14 +355,18 @@ def model_output_to_x0_eps(prediction_type: str, output: jax.Array, x_t: jax.Arr
 
 def run_sampler(plan: SamplerPlan, denoise: Denoiser | StatefulDenoiser, x_start: jax.Array,
                 keys: jax.Array | None = None, *,
-                batch_sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+                batch_sharding: jax.sharding.Sharding | None = None,
+                unroll: int = 1) -> jax.Array:
   """Integrate from x_start (= x_T, (B, H, W, C)) to x_0 with `lax.scan`; returns (B, H, W, C).
 
   `denoise(x_t, t)` returns (model output, x_t for the update); it is typically a guided UNet from
   `scdpo_jax.sampling.guards`; a `StatefulDenoiser` also gets the step index and its state
   (carried in the scan, pinned to the batch sharding like x_t). `keys` (B,) per-sample keys
   are needed when the plan is stochastic (DDIM with eta > 0). `batch_sharding` (optional) pins
-  the carry's layout to the batch sharding of the mesh on every step. Call inside `jax.jit`.
+  the carry's layout to the batch sharding of the mesh on every step. `unroll` steps per scan
+  iteration (the same arithmetic): on XLA:CPU a gradient inside a loop (TraSCE's loss guidance)
+  runs many times slower than unrolled, so CPU runs of such guards unroll every step. Call
+  inside `jax.jit`.
   """
   if plan.stochastic and keys is None:
     raise ValueError("this plan draws noise (eta > 0): pass the per-sample keys")
@@ -398,5 +402,6 @@ def run_sampler(plan: SamplerPlan, denoise: Denoiser | StatefulDenoiser, x_start
            plan.c_sample, plan.c_x0, plan.c_prev_x0, plan.c_eps, plan.c_noise)
   x_start = constrain(x_start)
   state = constrain_state(denoise.init(x_start)) if stateful else ()
-  (x_final, _, _), _ = jax.lax.scan(body, (x_start, jnp.zeros_like(x_start), state), steps)
+  (x_final, _, _), _ = jax.lax.scan(body, (x_start, jnp.zeros_like(x_start), state), steps,
+                                    unroll=max(1, min(int(unroll), plan.num_steps)))
   return x_final

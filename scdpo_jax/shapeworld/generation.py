@@ -46,8 +46,10 @@ class Generator:
     self.negatives = {"none": None, "negative_prompt": str(s.negative_prompt),
                       "trasce": str(s.negative_prompt), "sld": None,
                       "safree": safree.negative_prompt(concepts)}
-    self._make = lambda guard: generate.TextToImage(
-        sd, generate.SamplingSettings(sampler="ddim", num_steps=int(s.num_steps), guard=guard),
+    unroll = {"trasce": int(s.get("trasce_scan_unroll", 1))}
+    self._make = lambda name: generate.TextToImage(
+        sd, generate.SamplingSettings(sampler="ddim", num_steps=int(s.num_steps),
+                                      guard=self.guards[name], scan_unroll=unroll.get(name, 1)),
         batch_size=int(s.batch_size))
     self._t2i: dict[str, Any] = {}
 
@@ -55,7 +57,7 @@ class Generator:
                unet_params: Any = None, guard: str = "none") -> np.ndarray:
     """uint8 (N, S, S, 3) images."""
     if guard not in self._t2i:
-      self._t2i[guard] = self._make(self.guards[guard])
+      self._t2i[guard] = self._make(guard)
     t2i = self._t2i[guard]
     if unet_params is not None:
       t2i = t2i.with_unet_params(unet_params)
