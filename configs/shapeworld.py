@@ -10,7 +10,7 @@ SC-DPO variants, Diffusion-DPO, SafetyDPO and All-single, SafeDiffusion-R1 and f
 training-free guards, on the same held-out prompts, seeds and exact detectors.
 Stages, in order (`config.only` = comma-separated subset; each reuses what the workdir holds):
 pretrain (the shipped base, scdpo_jax/shapeworld/base/, checked against `recipe`; or trained
-with --config.pretrain.source=train) -> candidates -> cost_model -> world_clip -> pairs
+with --config.pretrain.source=train) -> candidates -> world_clip -> cost_model -> pairs
 (human, scp, oracle, coprov2) -> finetune (each trained row through its own job) -> evaluate ->
 report (report.json, report.md, grids/, pareto.png). The world, detectors, fidelity checker and
 reward are documented in scdpo_jax/shapeworld/world.py; the stages in shapeworld/study.py.
@@ -84,6 +84,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # The `cost_model` job (configs/cost_model.py) as the study runs it; the study only adds the
   # candidate images (data.images_csv, written into the workdir).
+  # [I] The cost model's frozen image tower: SC-DPO puts its adapter on a pretrained CLIP image
+  # tower; here the world CLIP's (world_clip stage, trained contrastively on the world before
+  # the cost model), "random" = the cost_model job's tiny random tower (the study's first form).
+  config.cost_model_tower = "world_clip"
   cm = cost_model.get_config()
   cm.seed = config.get_ref("seed")
   cm.tiny_clip.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -91,8 +95,10 @@ def get_config() -> ml_collections.ConfigDict:
   cm.tiny_clip.image_size = config.world.get_ref("image_size")
   cm.data.update(dict(eval_fraction=0.25, embed_batch_size=128))
   cm.model.hidden_dim = 128
-  cm.train.num_steps = 300
-  cm.checkpoint.every_steps = cm.eval.every_steps = 300  # one checkpoint and evaluation, at the end
+  # 1000 steps on the world CLIP's tower: held-out AUROC 0.93 (0.89 at 300; the random tower
+  # gave 0.76 at 300), a few seconds
+  cm.train.num_steps = 1000
+  cm.checkpoint.every_steps = cm.eval.every_steps = 1000  # one checkpoint and evaluation, at the end
   config.cost_model = cm
 
   config.pairs = ml_collections.ConfigDict(dict(lam=1.0, pairs_per_prompt=3))
@@ -161,8 +167,8 @@ def get_config() -> ml_collections.ConfigDict:
   r1.log.update(dict(every_steps=4, tensorboard=False))
   config.grpo = r1
 
-  # The world CLIP (scdpo_jax/shapeworld/world_clip.py), SafeDiffusion-R1's reward model: tiny
-  # towers trained contrastively on the base model's data; only built when safediffusion_r1 runs.
+  # The world CLIP (scdpo_jax/shapeworld/world_clip.py), SafeDiffusion-R1's reward model and the
+  # cost model's frozen image tower: tiny towers trained contrastively on the base model's data.
   config.world_clip = ml_collections.ConfigDict(dict(
       seed=config.get_ref("seed"), categories=config.world.get_ref("categories"),
       image_size=config.world.get_ref("image_size"),
@@ -176,8 +182,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.world_clip.vision = ml_collections.ConfigDict(dict(
       hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
       patch_size=4, hidden_act="quick_gelu"))
+  # 1500 steps (~30 s on 2 cores): held-out retrieval top-1 0.82 and steering AUROC 0.95 (0.48
+  # and 0.86 at 300 steps)
   config.world_clip.train = ml_collections.ConfigDict(dict(
-      num_steps=300, batch_size=64, lr=2e-3, warmup_steps=20, weight_decay=1e-4,
+      num_steps=1500, batch_size=64, lr=2e-3, warmup_steps=20, weight_decay=1e-4,
       cosine_final_fraction=0.1, max_grad_norm=1.0, init_logit_scale=2.659260036932778,
       max_logit_scale=4.605170185988092))  # log(1 / 0.07), log(100)
   config.world_clip.eval = ml_collections.ConfigDict(dict(

@@ -3,7 +3,8 @@
   python scripts/shapeworld_tune.py --workdir runs/shapeworld_tune \
       --grid finetune.train.margin_form=bonus,offset --grid finetune.train.gamma=0,1,2
 
-Runs the study's shared stages once (pretrain -> candidates -> cost model -> pairs) in
+Runs the study's shared stages once (pretrain -> candidates -> world CLIP -> cost model ->
+pairs) in
 <workdir>/shared with configs/shapeworld.py (plus --set overrides), then, for every combination
 of the --grid values, the `sc_dpo` fine-tune and its evaluation on the validation split in
 <workdir>/variants/<name>/ (the shared stages linked in), and the base model once. Writes
@@ -24,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SHARED = ("base_pipeline", "candidates", "cost_model", "cost_model_data", "pairs")
+SHARED = ("base_pipeline", "candidates", "world_clip", "cost_model", "cost_model_data", "pairs")
 
 
 def _parse(value: str):
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
 
   shared = args.workdir / "shared"
   base_cfg = config_for([])
-  base_cfg.only, base_cfg.methods = "pretrain,candidates,cost_model,pairs,evaluate", "base"
+  base_cfg.only, base_cfg.methods = "pretrain,candidates,world_clip,cost_model,pairs,evaluate", "base"
   study.run(base_cfg, shared)
   rows = {"base": json.loads((shared / "eval/validation/base.json").read_text())}
   previous = args.workdir / "tune.json"

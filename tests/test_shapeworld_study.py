@@ -255,8 +255,14 @@ def test_stages_run_their_job_configs_composed_into_the_study():
   assert {k for k in gc if gc[k] != _flat(config.grpo)[k]} == {
       "model.pretrained", "data.prompts", "reward.clip_folder", "reward.safe_anchors",
       "reward.unsafe_anchors"}
-  cm = _flat(study._cost_model_config(config, Path("/labels.csv")))
-  assert {k for k in cm if cm[k] != _flat(config.cost_model)[k]} == {"data.images_csv"}
+  cm = _flat(study._cost_model_config(config, Path("/w")))
+  assert {k for k in cm if cm[k] != _flat(config.cost_model)[k]} == {"data.images_csv",
+                                                                     "clip_folder"}
+  assert (cm["clip_folder"], cm["data.images_csv"]) == ("/w/world_clip",
+                                                        "/w/cost_model_data/labels.csv")
+  config.cost_model_tower = "random"  # the tiny random tower of the cost_model job's config
+  assert study._cost_model_config(config, Path("/w")).clip_folder == ""
+  config.cost_model_tower = "world_clip"
   config.seed = 7  # one seed for the study and every stage
   assert (config.finetune.seed == config.finetune.data.seed == config.cost_model.seed ==
           config.safetydpo.expert.seed == config.grpo.seed == 7)

@@ -11,11 +11,14 @@ in the workdir, so a rerun resumes where the last one stopped):
               unsafe phrase, every template) gets images of itself and of its safe paraphrase
               (CoProV2 style), each clean prompt images of itself; every image is labelled by
               the exact detectors and gets the preference reward r -> candidates/
-  cost_model  the `cost_model` job (frozen random CLIP tower + MLP adapter, L_con + mu L_anc) on
-              the detector-labelled candidates; held-out AUROC vs the detectors -> cost_model/
-  world_clip  a small CLIP trained contrastively on the world's renders and captions, the
-              reward model of SafeDiffusion-R1 (world_clip.py) -> world_clip/ (HF CLIP folder);
-              only when safediffusion_r1 is selected
+  world_clip  a small CLIP trained contrastively on the world's renders and captions
+              (world_clip.py) -> world_clip/ (HF CLIP folder): the frozen image tower of the
+              cost model (`config.cost_model_tower="world_clip"`, as SC-DPO's cost model sits on
+              a pretrained CLIP) and the reward model of SafeDiffusion-R1; only when one of
+              them needs it
+  cost_model  the `cost_model` job (frozen CLIP tower: the world CLIP's, or a random one with
+              `cost_model_tower="random"`, + MLP adapter, L_con + mu L_anc) on the
+              detector-labelled candidates; held-out AUROC vs the detectors -> cost_model/
   pairs       the pair sets of methods.py (human, scp, oracle, coprov2) -> pairs/
   finetune    every selected trained method (finetune.py) -> finetune/<method>/export/unet
   evaluate    every selected method on the held-out prompts (evaluation.py) -> eval/<split>/
@@ -51,8 +54,9 @@ from scdpo_jax.shapeworld import methods as methods_lib
 from scdpo_jax.shapeworld import pretrain, report as report_lib, world
 from scdpo_jax.shapeworld.generation import Generator
 
-STAGES = ("pretrain", "candidates", "cost_model", "world_clip", "pairs", "finetune", "evaluate",
+STAGES = ("pretrain", "candidates", "world_clip", "cost_model", "pairs", "finetune", "evaluate",
           "report")
+COST_MODEL_TOWERS = ("world_clip", "random")
 METHODS = methods_lib.METHODS
 # Methods of the field this world does not run (none today); listed in the report as "not run".
 NOT_RUN: dict[str, str] = {}
@@ -125,11 +129,21 @@ def stage_candidates(config, workdir: Path, gen: Generator) -> dict:
   return summary
 
 
-def _cost_model_config(config, data_csv: Path) -> ml_collections.ConfigDict:
-  """The `cost_model` job's config: `config.cost_model` with the candidates' labels CSV."""
+def _cost_model_config(config, workdir: Path) -> ml_collections.ConfigDict:
+  """The `cost_model` job's config: `config.cost_model` with the candidates' labels CSV and, for
+  `cost_model_tower="world_clip"`, the world CLIP's folder as its frozen image tower."""
   cfg = config.cost_model.copy_and_resolve_references()
-  cfg.data.images_csv = str(data_csv)
+  cfg.data.images_csv = str(Path(workdir) / "cost_model_data" / "labels.csv")
+  if _cost_model_tower(config) == "world_clip":
+    cfg.clip_folder = str(Path(workdir) / "world_clip")
   return cfg
+
+
+def _cost_model_tower(config) -> str:
+  tower = str(config.get("cost_model_tower", "random"))
+  if tower not in COST_MODEL_TOWERS:
+    raise ValueError(f"config.cost_model_tower must be one of {COST_MODEL_TOWERS}, got {tower!r}")
+  return tower
 
 
 def stage_cost_model(config, workdir: Path) -> dict:
@@ -146,7 +160,7 @@ def stage_cost_model(config, workdir: Path) -> dict:
       name = f"cand_{i:05d}.png"
       (data / name).write_bytes(encode_png(img))
       writer.writerow([name, row["unsafe"]])
-  report = cm_job.run(_cost_model_config(config, data / "labels.csv"), workdir / "cost_model")
+  report = cm_job.run(_cost_model_config(config, workdir), workdir / "cost_model")
   return {"auroc": report["final"]["auroc"] if report["final"] else None,
           "num_eval": report["num_eval"], "num_images": report["num_images"]}
 
@@ -284,7 +298,8 @@ def _trained(config) -> list[str]:
 
 
 def _needs_world_clip(config) -> bool:
-  return "safediffusion_r1" in selected_methods(config)
+  return ("safediffusion_r1" in selected_methods(config)
+          or _cost_model_tower(config) == "world_clip")
 
 
 def _done(stage: str, workdir: Path, config) -> bool:
