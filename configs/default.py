@@ -120,6 +120,13 @@ def get_config() -> ml_collections.ConfigDict:
   # (to_q/to_k/to_v/to_out.0, the Diffusion-DPO / SafetyDPO recipe), "feed_forward", "proj",
   # "resnet_conv".
   config.lora.targets = ("attention",)
+  # Adapters on the CLIP text encoder too (SD 1.x/2.x; needs lora.dropout = 0): rules over its
+  # module paths (text_model/encoder/layers_0/self_attn/q_proj) or presets "attention"
+  # (q/k/v/out_proj of every layer, diffusers' train_dreambooth_lora) and "mlp" (fc1/fc2).
+  # Empty: UNet only. With targets, the policy's text states are computed in the step through the
+  # adapted encoder (the reference keeps the base's); the exports add text_encoder.* LoRA keys
+  # and export/text_encoder (the base text encoder with its LoRA fused).
+  config.lora.text_encoder_targets = ()
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # -1: all remaining devices

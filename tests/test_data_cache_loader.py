@@ -149,6 +149,24 @@ def test_loader_resume_at_any_step(env):
   assert not np.array_equal(other_seed.indices(0, 4), full.indices(0, 4))
 
 
+def test_loader_adds_token_ids_only_with_a_tokenizer(env):
+  """Text-encoder LoRA needs each pair's prompt tokens (`batch.TOKEN_KEY`); subsets keep them."""
+  tok = tokenizer.load_tokenizer(Path(env["sd"]) / "tokenizer")
+  plain = loader.PairLoader(env["latents"], seed=3)
+  with_ids = loader.PairLoader(env["latents"], seed=3, tokenizer=tok)
+  assert "input_ids" not in plain.batch(1, 4)
+  batch = with_ids.batch(1, 4)
+  records = all_records(env["latents"])
+  prompts = [tfds_pairs.text(records[i]["prompt"]) for i in with_ids.indices(1, 4)]
+  assert len(set(prompts)) == 4
+  np.testing.assert_array_equal(batch["input_ids"], tokenizer.tokenize(tok, prompts))
+  for k, v in plain.batch(1, 4).items():
+    np.testing.assert_array_equal(batch[k], v)
+  sub = with_ids.subset([5, 2], "two").batch(0, 2)
+  np.testing.assert_array_equal(sub["input_ids"], tokenizer.tokenize(
+      tok, [tfds_pairs.text(records[i]["prompt"]) for i in with_ids.subset([5, 2]).indices(0, 2)]))
+
+
 def test_two_process_split_is_disjoint_and_complete(env):
   single = loader.PairLoader(env["latents"], seed=1, hflip=True, process_index=0,
                              process_count=1)

@@ -18,7 +18,7 @@ from scdpo_jax.models import layers, pipeline, unet_io
 from scdpo_jax.train import loop, optim, state as state_lib
 from tests.test_lora import _torch_apply
 from tests.test_train import _worker
-from tests.train_utils import tiny_train_config
+from tests.train_utils import assert_same_run, tiny_train_config
 
 # Dense and (1x1) conv adapters; peft's gaussian init with alpha != rank. Focusing on (gamma 1:
 # per-pair weights, normalised over the whole batch, which gradient accumulation must respect)
@@ -212,22 +212,15 @@ def test_resume_gives_the_same_trajectory(tmp_path):
   first = _run(tmp_path / "split", **{"train.num_steps": 2})
   second = _run(tmp_path / "split", **{"train.num_steps": 4})
   assert second["start_step"] == 2
-  np.testing.assert_allclose(first["losses"] + second["losses"], full["losses"], atol=1e-6,
-                             rtol=0)
-  for a, b in zip(jax.tree.leaves(full["state"].params), jax.tree.leaves(second["state"].params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
-  for a, b in zip(jax.tree.leaves(full["state"].opt_state),
-                  jax.tree.leaves(second["state"].opt_state)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+  assert_same_run(full, {**second, "losses": first["losses"] + second["losses"]}, atol=1e-6,
+                  opt_state=True)
 
 
 def test_gradient_accumulation_matches_one_big_batch(lora_run, tmp_path):
   _, one = lora_run  # 3 steps, one batch
   two = _run(tmp_path / "a2", **{"train.num_steps": 3, "train.grad_accum": 2})
   assert one["state"].params and _config().train.gamma == 1.0 and len(one["losses"]) == 3
-  np.testing.assert_allclose(one["losses"], two["losses"], atol=1e-5, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(one["state"].params), jax.tree.leaves(two["state"].params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+  assert_same_run(one, two, atol=1e-5, rtol=1e-5)
 
 
 def test_sharded_lora_training_matches_one_device(lora_run, tmp_path_factory):

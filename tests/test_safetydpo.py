@@ -354,6 +354,8 @@ def test_config_errors_come_first(tmp_path):
                            ({"merge.output": "lowrank"}, "merge.output"),
                            ({"safetydpo.experts": "one"}, "safetydpo.experts"),
                            ({"expert.lora.enabled": False}, "LoRA train config"),
+                           ({"expert.lora.text_encoder_targets": ("attention",)},
+                            "UNet experts only"),
                            ({"safetydpo.categories": ()}, "needs safetydpo.categories"),
                            ({"expert.train.grad_accum": 3}, "config.expert .*grad_accum")):
     with pytest.raises(ConfigError, match=match):

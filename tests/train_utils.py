@@ -60,6 +60,23 @@ def build_tiny_base(folder: Path) -> Path:
   return folder / "base_pipeline"
 
 
+def assert_same_run(a: dict, b: dict, atol: float, rtol: float = 0.0,
+                    opt_state: bool = False) -> None:
+  """Two train results (`loop.run`) took the same trajectory: losses to (atol, rtol), final
+  params (and optimizer state) to atol."""
+  import jax
+  import numpy as np
+
+  np.testing.assert_allclose(a["losses"], b["losses"], atol=atol, rtol=rtol)
+  fields = ("params", "opt_state") if opt_state else ("params",)
+  for field in fields:
+    leaves_a = jax.tree.leaves(getattr(a["state"], field))
+    leaves_b = jax.tree.leaves(getattr(b["state"], field))
+    assert leaves_a and len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
   for dotted, value in overrides.items():
     node = config

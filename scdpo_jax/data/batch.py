@@ -19,6 +19,11 @@ SDXL batches carry two more keys (`XL_KEYS`; absent for SD 1.x/2.x, whose batche
   time_ids              float32 (B, 6)        micro-conditioning: original (h, w), crop (top,
                                               left), target (h, w) (`added_cond_kwargs["time_ids"]`)
 
+Runs with text-encoder LoRA (`config.lora.text_encoder_targets`) also need the prompt's tokens
+(`TOKEN_KEY`; absent otherwise), which the policy's adapted encoder encodes inside the step:
+
+  input_ids             int32   (B, T)        the prompt's token ids (the base tokenizer's)
+
 A *pair source* is any object with
 
   num_pairs: int                        pairs per epoch
@@ -39,14 +44,16 @@ PAIR_KEYS = ("latents_w", "latents_l", "text_states", "is_harmful", "cost_w", "c
              "reward_w", "reward_l")
 FLOAT_KEYS = ("cost_w", "cost_l", "reward_w", "reward_l")
 XL_KEYS = ("pooled_text", "time_ids")
+TOKEN_KEY = "input_ids"
 
 
 def batch_keys(batch) -> tuple[str, ...]:
-  """The trainer's keys of `batch`: `PAIR_KEYS`, plus `XL_KEYS` when it has them (SDXL)."""
+  """The trainer's keys of `batch`: `PAIR_KEYS`, plus `XL_KEYS` when it has them (SDXL) and
+  `TOKEN_KEY` when it has it (text-encoder LoRA)."""
   present = [k for k in XL_KEYS if k in batch]
   if present and len(present) != len(XL_KEYS):
     raise KeyError(f"pair batch has {present} but not all of {XL_KEYS} (SDXL batches carry both)")
-  return PAIR_KEYS + tuple(present)
+  return PAIR_KEYS + tuple(present) + ((TOKEN_KEY,) if TOKEN_KEY in batch else ())
 
 
 class PairSource(Protocol):

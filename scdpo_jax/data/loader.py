@@ -26,6 +26,10 @@ Unknown rewards/costs (NaN in the dataset): with `nan_cost="zero"` (the default,
 specifies) they become 0 (no cost margin for that pair) and the first batch holding one logs a
 warning; `nan_cost="error"` refuses them (`data.nan_cost` in the trainer's config).
 
+Token ids: `PairLoader(..., tokenizer=tok)` adds `input_ids` (each record's prompt tokenised by
+`tok`), which text-encoder LoRA training needs (`batch.TOKEN_KEY`); without a tokenizer batches
+have no ids.
+
 Subsets: `PairLoader(..., records=ids)` (or `loader.subset(positions, label)`) reads only those
 records, as if the dataset held just them in that order (SafetyDPO's per-category experts,
 `lora/safetydpo.py`); `record_categories()` gives each record's `category` field.
@@ -43,7 +47,7 @@ from absl import logging
 
 from scdpo_jax import files
 from scdpo_jax.data import tfds_pairs
-from scdpo_jax.data.batch import FLOAT_KEYS, PAIR_KEYS, XL_KEYS
+from scdpo_jax.data.batch import FLOAT_KEYS, PAIR_KEYS, TOKEN_KEY, XL_KEYS
 from scdpo_jax.data.memory import global_indices
 
 MAX_STEPS = 2 ** 40  # length of the endless step-indexed dataset
@@ -63,7 +67,7 @@ class PairLoader:
                shuffle: bool = True, hflip: bool = False, encoder: Any = None,
                process_index: int | None = None, process_count: int | None = None,
                read_threads: int = 4, prefetch_batches: int = 2, nan_cost: str = "zero",
-               records: Sequence[int] | None = None, label: str = ""):
+               records: Sequence[int] | None = None, label: str = "", tokenizer: Any = None):
     import jax
 
     if nan_cost not in NAN_COST_POLICIES:
@@ -88,7 +92,9 @@ class PairLoader:
     self._kwargs = dict(path=path, split=split, seed=seed, shuffle=shuffle, hflip=hflip,
                         encoder=encoder, process_index=process_index,
                         process_count=process_count, read_threads=read_threads,
-                        prefetch_batches=prefetch_batches, nan_cost=nan_cost)
+                        prefetch_batches=prefetch_batches, nan_cost=nan_cost,
+                        tokenizer=tokenizer)
+    self.tokenizer = tokenizer
     if not self.schema.has_latents and encoder is None:
       raise ValueError(
           f"{self.dataset_info.path} holds images, not latents. The trainer needs latents: cache "
@@ -210,7 +216,10 @@ class PairLoader:
       if k.startswith("cost") and np.isnan(v).any():
         self._unknown_costs(k, records, v)
       out[k] = np.nan_to_num(v, nan=0.0)
-    return {k: out[k] for k in PAIR_KEYS + tuple(k for k in XL_KEYS if k in out)}
+    if self.tokenizer is not None:
+      from scdpo_jax.models import tokenizer as tok
+      out[TOKEN_KEY] = tok.tokenize(self.tokenizer, [tfds_pairs.text(r["prompt"]) for r in records])
+    return {k: out[k] for k in PAIR_KEYS + tuple(k for k in XL_KEYS + (TOKEN_KEY,) if k in out)}
 
   def _unknown_costs(self, key: str, records, values: np.ndarray) -> None:
     ids = [tfds_pairs.text(r["pair_id"]) for r, v in zip(records, values) if np.isnan(v)]

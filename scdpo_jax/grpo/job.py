@@ -172,6 +172,10 @@ def check_config(config: ml_collections.ConfigDict, mesh, n_prompts: int) -> Non
       raise ConfigError("lora.dropout > 0 is not supported by safediffusion_r1: the update must "
                         "recompute the rollout's log-probabilities with the same deterministic "
                         "policy (set lora.dropout=0)")
+    if spec.adapts_text_encoder:
+      raise ConfigError("lora.text_encoder_targets is not supported by safediffusion_r1 (it "
+                        "conditions on the frozen text encoder's prompt states); set "
+                        "lora.text_encoder_targets=()")
   if not config.model.pretrained and config.model.get("tiny") is None:
     raise ConfigError("model.pretrained must name a diffusers-format Stable Diffusion folder "
                       "(--config.model.pretrained=/path/to/stable-diffusion-v1-5)")

@@ -18,7 +18,10 @@ is differentiated.
 Which kernels are adapted: `config.lora.targets`, regular expressions matched with
 `re.fullmatch` against the module path joined by '/', e.g.
 `down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q` (`TARGET_PRESETS` names the usual
-sets). Only 2-D (Dense) and 4-D (Conv) kernels can be adapted.
+sets). Only 2-D (Dense) and 4-D (Conv) kernels can be adapted. The CLIP text encoder can carry
+adapters too: `config.lora.text_encoder_targets`, the same kind of rules over its module paths
+(`text_model/encoder/layers_0/self_attn/q_proj`; `TEXT_ENCODER_PRESETS`), empty by default
+(UNet only); `lora/text_encoder.py` combines both trees for training.
 """
 
 from __future__ import annotations
@@ -49,6 +52,13 @@ TARGET_PRESETS = {
     "proj": (r".*attentions_\d+/(proj_in|proj_out)",),
     "resnet_conv": (r".*resnets_\d+/(conv1|conv2|conv_shortcut)",),
 }
+# The same for our CLIP text encoder's module paths (`config.lora.text_encoder_targets`).
+TEXT_ENCODER_PRESETS = {
+    # diffusers' train_dreambooth_lora text-encoder targets: q/k/v/out_proj of every layer
+    "attention": (r"text_model/encoder/layers_\d+/self_attn/(q_proj|k_proj|v_proj|out_proj)",),
+    "mlp": (r"text_model/encoder/layers_\d+/mlp/(fc1|fc2)",),
+}
+UNET, TEXT_ENCODER = "unet", "text_encoder"  # the components LoRA can adapt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +70,7 @@ class LoraSpec:
   init: str = "gaussian"
   dropout: float = 0.0
   targets: tuple[str, ...] = ("attention",)
+  text_encoder_targets: tuple[str, ...] = ()  # empty: no text-encoder LoRA
 
   @property
   def scale(self) -> float:
@@ -67,10 +78,26 @@ class LoraSpec:
 
   @property
   def patterns(self) -> tuple[str, ...]:
+    return self.component_patterns(UNET)
+
+  @property
+  def adapts_text_encoder(self) -> bool:
+    return bool(self.text_encoder_targets)
+
+  def component_patterns(self, component: str) -> tuple[str, ...]:
+    """The regular expressions of `component` ("unet" | "text_encoder"), presets expanded."""
+    targets, presets = self._targets(component)
     out = []
-    for t in self.targets:
-      out.extend(TARGET_PRESETS.get(t, (t,)))
+    for t in targets:
+      out.extend(presets.get(t, (t,)))
     return tuple(out)
+
+  def _targets(self, component: str) -> tuple[tuple[str, ...], dict]:
+    if component == UNET:
+      return self.targets, TARGET_PRESETS
+    if component == TEXT_ENCODER:
+      return self.text_encoder_targets, TEXT_ENCODER_PRESETS
+    raise ValueError(f"LoRA component {component!r}; known: {UNET!r}, {TEXT_ENCODER!r}")
 
   def validate(self) -> None:
     if not (isinstance(self.rank, int) and self.rank >= 1):
@@ -84,20 +111,30 @@ class LoraSpec:
     if not self.targets:
       raise ConfigError("lora.targets is empty: name at least one rule or preset "
                         f"({sorted(TARGET_PRESETS)})")
-    for p in self.patterns:
-      try:
-        re.compile(p)
-      except re.error as e:
-        raise ConfigError(f"lora.targets: bad regular expression {p!r}: {e}") from None
+    if self.adapts_text_encoder and self.dropout > 0:
+      # the dropout branch (`apply_with_dropout`) is wired for the UNet call only
+      raise ConfigError("lora.dropout > 0 is not supported with lora.text_encoder_targets (set "
+                        "lora.dropout=0 or lora.text_encoder_targets=())")
+    for key, component in (("lora.targets", UNET), ("lora.text_encoder_targets", TEXT_ENCODER)):
+      for p in self.component_patterns(component):
+        try:
+          re.compile(p)
+        except re.error as e:
+          raise ConfigError(f"{key}: bad regular expression {p!r}: {e}") from None
+
+
+def _rules(value) -> tuple[str, ...]:
+  """A config's target rules: a sequence, or one comma-separated string (command line)."""
+  if isinstance(value, str):
+    return tuple(t.strip() for t in value.split(",") if t.strip())
+  return tuple(value)
 
 
 def spec_from_config(lora_config: ml_collections.ConfigDict) -> LoraSpec:
-  targets = lora_config.targets
-  if isinstance(targets, str):
-    targets = tuple(t.strip() for t in targets.split(",") if t.strip())
   return LoraSpec(rank=int(lora_config.rank), alpha=float(lora_config.alpha),
                   init=str(lora_config.init), dropout=float(lora_config.dropout),
-                  targets=tuple(targets))
+                  targets=_rules(lora_config.targets),
+                  text_encoder_targets=_rules(lora_config.get("text_encoder_targets", ())))
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
@@ -139,17 +176,24 @@ def lora_shapes(kernel_shape: Sequence[int], rank: int) -> tuple[tuple, tuple]:
   return (kh, kw, fan_in, rank), (1, 1, rank, fan_out)
 
 
-def abstract_lora(boxed_base: Any, spec: LoraSpec, dtype=jnp.float32) -> Any:
-  """The LoRA tree as `nn.LogicallyPartitioned` ShapeDtypeStructs (the base's logical axes on
-  the in / out dimensions, none on the rank)."""
+_EXAMPLE_PATHS = {UNET: "down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q",
+                  TEXT_ENCODER: "text_model/encoder/layers_0/self_attn/q_proj"}
+
+
+def abstract_lora(boxed_base: Any, spec: LoraSpec, dtype=jnp.float32,
+                  component: str = UNET) -> Any:
+  """The LoRA tree of `component` ("unet": `spec.targets`, "text_encoder":
+  `spec.text_encoder_targets`; `boxed_base` is that model's params) as `nn.LogicallyPartitioned`
+  ShapeDtypeStructs (the base's logical axes on the in / out dimensions, none on the rank)."""
   import flax.linen as nn
 
   flat = traverse_util.flatten_dict(boxed_base)  # boxes are not dicts: they stay leaves
-  modules = target_modules(boxed_base, spec.patterns)
+  modules = target_modules(boxed_base, spec.component_patterns(component))
   if not modules:
-    raise ConfigError(f"lora.targets {spec.targets} match no Dense / Conv kernel of the model "
-                      "(rules are matched with re.fullmatch against module paths such as "
-                      "'down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q')")
+    key = "lora.targets" if component == UNET else "lora.text_encoder_targets"
+    raise ConfigError(f"{key} {spec._targets(component)[0]} match no Dense / Conv kernel of the "
+                      "model (rules are matched with re.fullmatch against module paths such as "
+                      f"'{_EXAMPLE_PATHS[component]}')")
   out = {}
   for module in modules:
     leaf = flat[module + ("kernel",)]

@@ -75,6 +75,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not adapters.enabled(config.expert):
     raise ConfigError("safetydpo: config.expert must be a LoRA train config "
                       "(config.expert.lora.enabled = True)")
+  if adapters.spec_from_config(config.expert.lora).adapts_text_encoder:
+    raise ConfigError("safetydpo merges UNet experts only: config.expert.lora."
+                      "text_encoder_targets must stay empty")
   s, m = config.safetydpo, config.merge
   check_choice("safetydpo.experts", s.experts, EXPERT_MODES)
   check_choice("merge.method", m.method, METHODS)

@@ -23,7 +23,8 @@ from absl import logging
 from scdpo_jax import files, parallel
 from scdpo_jax.errors import ConfigError
 from scdpo_jax.data.batch import PAIR_KEYS, batch_keys  # noqa: F401 (PAIR_KEYS: re-exported)
-from scdpo_jax.lora import adapters as lora_adapters
+from scdpo_jax.data.batch import TOKEN_KEY
+from scdpo_jax.lora import adapters as lora_adapters, text_encoder as lora_text
 from scdpo_jax.models import conditioning_xl, pipeline, pipeline_xl, tiny, tokenizer, unet_io
 from scdpo_jax.train import optim, resume, state as state_lib
 from scdpo_jax.train.checkpoint import Checkpointer
@@ -83,6 +84,9 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   if config.model.pretrained and sdxl:
     pipeline.check_pipeline_folder(config.model.pretrained, TRAIN_COMPONENTS_XL,
                                    known=pipeline_xl.COMPONENTS, what=pipeline_xl.WHAT)
+  if sdxl and lora_text.enabled(config):
+    raise ConfigError("lora.text_encoder_targets: text-encoder LoRA is supported for SD 1.x/2.x "
+                      "(one CLIP text encoder), not SDXL; set lora.text_encoder_targets=()")
   if sdxl and int(config.model.text_layer) != -1:
     raise ConfigError(f"model.text_layer={config.model.text_layer}: SDXL is conditioned as "
                       "diffusers' encode_prompt does (penultimate states of both text encoders, "
@@ -145,10 +149,14 @@ def encode_prompts_xl(xl: pipeline_xl.StableDiffusionXL, prompts: list[str]) -> 
 
 def empty_prompt_states(sd, config: ml_collections.ConfigDict):
   """What caption dropout substitutes: the empty prompt's states (SD: an array (1, T, D); SDXL:
-  {"text_states", "pooled_text"} of "", as the Salesforce `train.py --sdxl` encodes it)."""
+  {"text_states", "pooled_text"} of "", as the Salesforce `train.py --sdxl` encodes it; with
+  text-encoder LoRA {"text_states", "input_ids"}: the policy encodes the ids itself)."""
   if isinstance(sd, pipeline_xl.StableDiffusionXL):
     return encode_prompts_xl(sd, [""])
-  return encode_prompts(sd, [""], config.model.text_layer)
+  states = encode_prompts(sd, [""], config.model.text_layer)
+  if lora_text.enabled(config):
+    return {"text_states": states, TOKEN_KEY: tokenizer.tokenize(sd.tokenizer, [""])}
+  return states
 
 
 def random_pairs(config: ml_collections.ConfigDict, sd: pipeline.StableDiffusion):
@@ -165,6 +173,8 @@ def random_pairs(config: ml_collections.ConfigDict, sd: pipeline.StableDiffusion
   xl = isinstance(sd, pipeline_xl.StableDiffusionXL)
   cond = (encode_prompts_xl(sd, unique) if xl
           else {"text_states": encode_prompts(sd, unique, config.model.text_layer)})
+  if lora_text.enabled(config):  # the policy's adapted text encoder encodes the ids in the step
+    cond[TOKEN_KEY] = tokenizer.tokenize(sd.tokenizer, unique)
   cond = {k: v[rows] for k, v in cond.items()}
   if xl:  # SDXL's default micro-conditioning at the latent size x the VAE's factor
     from scdpo_jax.models.vae_io import load_vae_config
@@ -190,7 +200,8 @@ def make_pair_source(config: ml_collections.ConfigDict, sd: pipeline.StableDiffu
   if config.data.source == "memory_random":
     return random_pairs(config, sd)
   from scdpo_jax.data import loader as tfds_loader
-  return tfds_loader.open_pair_source(config.data)
+  return tfds_loader.open_pair_source(
+      config.data, tokenizer=sd.tokenizer if lora_text.enabled(config) else None)
 
 
 def peak_flops(config) -> float | None:
@@ -262,8 +273,11 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
   lora_spec = (lora_adapters.spec_from_config(config.lora) if lora_adapters.enabled(config)
                else None)
   policy, reference = state_lib.make_unets(config.model, sd.unet.config)
+  text_policy = (lora_text.make_text_encoder(config.model, sd.text_encoder)
+                 if lora_text.enabled(config) else None)
   optimizer = optim.make_optimizer(config.optimizer, t.num_steps, t.pairs_per_step)
-  spec = state_lib.train_state_spec(config, mesh, policy, reference, optimizer)
+  spec = state_lib.train_state_spec(config, mesh, policy, reference, optimizer,
+                                    text_encoder=text_policy)
   allow = [a for a in str(config.get("resume", {}).get("allow_changes", "")).split(",") if a]
   accepted = resume.check_resume(
       workdir, resume.run_fingerprint(config, folder, spec.abstract_state,
@@ -281,11 +295,12 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
     logging.info("resumed from step %d (data position %d pairs)", ckpt_meta["step"],
                  ckpt_meta["data_position"])
   elif lora_spec is not None:  # LoRA: fresh adapters (B = 0) on the frozen base
-    state = state_lib.init_train_state(spec, optimizer, lora_adapters.init_lora(
+    state = state_lib.init_train_state(spec, optimizer, lora_text.init_tree(
         spec.abstract_state.params, lora_spec, config.seed), config)
   else:
     state = state_lib.init_train_state(spec, optimizer, sd.unet_params, config)
-  ref_params = state_lib.reference_params(spec, sd.unet_params)
+  ref_params = state_lib.reference_params(spec, lora_text.tree(
+      sd.unet_params, sd.text_encoder_params if text_policy is not None else None))
   del sd.unet_params
 
   start = int(state.step)
@@ -303,7 +318,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
     from scdpo_jax.lora import train as lora_train
     train_step = lora_train.make_lora_train_step(
         policy=policy, reference=reference, optimizer=optimizer, schedule=sd.schedule,
-        cfg=step_cfg, scale=lora_spec.scale, dropout=lora_spec.dropout)
+        cfg=step_cfg, scale=lora_spec.scale, dropout=lora_spec.dropout,
+        text_encoder=text_policy, text_layer=int(config.model.text_layer))
   else:
     train_step = make_train_step(apply_fn=policy.apply, ref_apply_fn=reference.apply,
                                  optimizer=optimizer, schedule=sd.schedule, cfg=step_cfg)
@@ -369,9 +385,10 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
     params = multihost_utils.process_allgather(state.params, tiled=True)  # collective
     if jax.process_index() == 0 and lora_spec is not None:
       from scdpo_jax.lora import train as lora_train
-      lora_train.export(workdir / "export", folder, policy.config, params, lora_spec)
+      exported = lora_train.export(workdir / "export", folder, policy.config, params, lora_spec)
       logging.info("exported the LoRA (diffusers format) to %s and the base with it fused to %s",
-                   workdir / "export/lora", workdir / "export/unet")
+                   exported["lora"].parent, ", ".join(
+                       str(exported[k]) for k in ("unet", "text_encoder") if k in exported))
     elif jax.process_index() == 0:
       unet_io.save_unet(workdir / "export" / "unet", policy.config, params)
       logging.info("exported the trained UNet in diffusers format to %s", workdir / "export/unet")

@@ -27,7 +27,7 @@ from flax.core import meta
 
 from scdpo_jax import parallel
 from scdpo_jax.errors import ConfigError
-from scdpo_jax.lora import adapters as lora_adapters
+from scdpo_jax.lora import adapters as lora_adapters, text_encoder as lora_text
 from scdpo_jax.models import layers, unet as unet_lib
 from scdpo_jax.models.unet_config import UNetConfig
 from scdpo_jax.train.checkpoint import abstract_with_shardings
@@ -83,14 +83,28 @@ def new_train_state(params, optimizer, *, lam: float, seed: int) -> TrainState:
                     rng=jax.random.PRNGKey(seed))
 
 
+def _with_dtype(boxed: Any, dtype) -> Any:
+  """An abstract (boxed) params tree with every leaf in `dtype`, logical axes kept."""
+  as_dtype = lambda s: jax.ShapeDtypeStruct(s.shape, dtype)
+  return jax.tree.map(
+      lambda x: x.replace_boxed(as_dtype(x.unbox())) if isinstance(x, meta.AxisMetadata)
+      else as_dtype(x), boxed, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
+
+
 def train_state_spec(config: ml_collections.ConfigDict, mesh, policy, reference,
-                     optimizer) -> TrainStateSpec:
-  """Trace the state once (`jax.eval_shape`: no weights) and map its logical axes to `mesh`."""
+                     optimizer, text_encoder=None) -> TrainStateSpec:
+  """Trace the state once (`jax.eval_shape`: no weights) and map its logical axes to `mesh`.
+
+  With text-encoder LoRA (`text_encoder`: the policy's CLIP text model) the params and the
+  reference are {"unet", "text_encoder"} pairs (`lora/text_encoder.py`)."""
   rules = parallel.rules_from_config(config.sharding_rules)
   boxed_base = boxed_params = layers.abstract_params(policy)
+  boxed_text = None
   if lora_adapters.enabled(config):  # LoRA: the state trains only the adapters on the base
-    boxed_params = lora_adapters.abstract_lora(
-        boxed_base, lora_adapters.spec_from_config(config.lora))
+    lora_spec = lora_adapters.spec_from_config(config.lora)
+    if lora_spec.adapts_text_encoder:
+      boxed_text = layers.abstract_params(text_encoder)
+    boxed_params = lora_text.abstract_tree(boxed_base, lora_spec, boxed_text)
   unsharded = parallel.unsharded_params(boxed_base, mesh, rules)
   if unsharded:
     logging.warning("sharding rules leave %d large parameters replicated on mesh %s (first: %s); "
@@ -103,10 +117,9 @@ def train_state_spec(config: ml_collections.ConfigDict, mesh, policy, reference,
   if reference.param_dtype == policy.param_dtype:
     boxed_ref = boxed_base
   else:
-    as_ref = lambda s: jax.ShapeDtypeStruct(s.shape, reference.param_dtype)
-    boxed_ref = jax.tree.map(
-        lambda x: x.replace_boxed(as_ref(x.unbox())) if isinstance(x, meta.AxisMetadata)
-        else as_ref(x), boxed_base, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
+    boxed_ref = _with_dtype(boxed_base, reference.param_dtype)
+  if boxed_text is not None:  # the frozen text encoder, stored as the reference UNet is
+    boxed_ref = lora_text.tree(boxed_ref, _with_dtype(boxed_text, reference.param_dtype))
   return TrainStateSpec(
       abstract_state=meta.unbox(boxed_state), state_shardings=state_shardings,
       param_shardings=state_shardings.params, abstract_ref_params=meta.unbox(boxed_ref),

@@ -21,6 +21,11 @@ One step consumes the global batch of `pairs_per_step` pairs as `grad_accum` mic
    micro-batches). The official code computes it per device and micro-batch; here a micro-batch
    is global (all devices), so with data parallelism lambda sees more pairs.
 
+By default the policy and the reference see the same text conditioning. `policy_text_fn`
+(text-encoder LoRA, `lora/text_encoder.py`) gives the policy its own text states, computed in
+the step from the micro-batch (and differentiated with the policy params); without it the
+program is the same as before.
+
 Text conditioning (`text_conditioning`) is a small pytree: {"text_states"} for SD 1.x/2.x, plus
 "pooled_text" and "time_ids" for SDXL, whose UNet calls then get `added_cond_kwargs`
 (`conditioning_xl.added_cond_kwargs`); `empty_states` is the empty prompt's states (an array) or,
@@ -171,8 +176,10 @@ def draw_randomness(rng: jax.Array, batch: dict, num_train_timesteps: int,
 
 
 def micro_batch_terms(params, ref_params, batch, lam, gamma, *, apply_fn, ref_apply_fn,
-                      schedule: sch.NoiseSchedule, empty_states, cfg: StepConfig):
-  """(weighted loss sum, (weight sum, per-pair metrics)) for one micro-batch."""
+                      schedule: sch.NoiseSchedule, empty_states, cfg: StepConfig,
+                      policy_text_fn: Callable | None = None):
+  """(weighted loss sum, (weight sum, per-pair metrics)) for one micro-batch. `policy_text_fn`:
+  `(params, micro-batch, empty_states) -> text states` of the policy, if not the batch's."""
   b = batch["latents_w"].shape[0]
   states = text_conditioning(batch)
   if cfg.caption_dropout > 0:
@@ -189,7 +196,10 @@ def micro_batch_terms(params, ref_params, batch, lam, gamma, *, apply_fn, ref_ap
   target_w = sch.training_target(schedule, x0_w, noise, t)
   target_l = sch.training_target(schedule, x0_l, noise, t)
 
-  pred_w, pred_l = _pair_forward(apply_fn, params, x_w, x_l, t, states)
+  policy_states = states
+  if policy_text_fn is not None:
+    policy_states = {**states, "text_states": policy_text_fn(params, batch, empty_states)}
+  pred_w, pred_l = _pair_forward(apply_fn, params, x_w, x_l, t, policy_states)
   m_w, m_l = L.per_sample_mse(pred_w, target_w), L.per_sample_mse(pred_l, target_l)
   ref_w, ref_l = jax.lax.stop_gradient(
       _pair_forward(ref_apply_fn, ref_params, x_w, x_l, t, states))
@@ -235,8 +245,10 @@ def _tagged_sums(per_pair, is_harmful):
 
 
 def make_train_step(*, apply_fn: Callable, ref_apply_fn: Callable, optimizer,
-                    schedule: sch.NoiseSchedule, cfg: StepConfig):
-  """Build `train_step(state, ref_params, batch, empty_states) -> (state, metrics)` (not jitted)."""
+                    schedule: sch.NoiseSchedule, cfg: StepConfig,
+                    policy_text_fn: Callable | None = None):
+  """Build `train_step(state, ref_params, batch, empty_states) -> (state, metrics)` (not jitted).
+  `policy_text_fn`: see `micro_batch_terms`."""
   cfg.validate()
 
   def train_step(state: TrainState, ref_params, batch, empty_states):
@@ -254,7 +266,7 @@ def make_train_step(*, apply_fn: Callable, ref_apply_fn: Callable, optimizer,
     grad_fn = jax.value_and_grad(micro_batch_terms, has_aux=True)
     terms = lambda p, mb: grad_fn(
         p, ref_params, mb, state.lam, gamma, apply_fn=apply_fn, ref_apply_fn=ref_apply_fn,
-        schedule=schedule, empty_states=empty_states, cfg=cfg)
+        schedule=schedule, empty_states=empty_states, cfg=cfg, policy_text_fn=policy_text_fn)
 
     def body(carry, xs):
       grads_acc, total_acc, wsum_acc, sums_acc = carry
