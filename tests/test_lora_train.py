@@ -13,7 +13,7 @@ from flax import traverse_util
 from jax.sharding import AbstractMesh
 
 from scdpo_jax import parallel
-from scdpo_jax.lora import adapters, io as lora_io, train as lora_train
+from scdpo_jax.lora import adapters, io as lora_io, text_encoder as lora_text, train as lora_train
 from scdpo_jax.models import layers, pipeline, unet_io
 from scdpo_jax.train import loop, optim, state as state_lib
 from tests.test_lora import _torch_apply
@@ -108,22 +108,26 @@ def _lowered_text(config):
   mesh = parallel.mesh_from_config(config.mesh)
   sd = pipeline.load_stable_diffusion(BASE, ("unet", "text_encoder", "tokenizer", "scheduler"))
   policy, reference = state_lib.make_unets(config.model, sd.unet.config)
+  text_policy = (lora_text.make_text_encoder(config.model, sd.text_encoder)
+                 if lora_text.enabled(config) else None)
   optimizer = optim.make_optimizer(config.optimizer, config.train.num_steps,
                                    config.train.pairs_per_step)
-  spec = state_lib.train_state_spec(config, mesh, policy, reference, optimizer)
+  spec = state_lib.train_state_spec(config, mesh, policy, reference, optimizer,
+                                    text_encoder=text_policy)
   step_cfg = state_lib.step_config(config.train)
   if adapters.enabled(config):
     fn = lora_train.make_lora_train_step(
         policy=policy, reference=reference, optimizer=optimizer, schedule=sd.schedule,
-        cfg=step_cfg, scale=adapters.spec_from_config(config.lora).scale)
+        cfg=step_cfg, scale=adapters.spec_from_config(config.lora).scale,
+        text_encoder=text_policy)
   else:
     from scdpo_jax.train.step import make_train_step
     fn = make_train_step(apply_fn=policy.apply, ref_apply_fn=reference.apply,
                          optimizer=optimizer, schedule=sd.schedule, cfg=step_cfg)
   source = loop.random_pairs(config, sd)
-  example = {k: v for k, v in source.batch(0, config.train.pairs_per_step).items()
-             if k in loop.PAIR_KEYS}
-  empty = np.zeros((1,) + example["text_states"].shape[1:], np.float32)
+  example = source.batch(0, config.train.pairs_per_step)
+  example = {k: example[k] for k in loop.batch_keys(example)}
+  empty = loop.empty_prompt_states(sd, config)
   lowered, _ = state_lib.lower_train_step(mesh, spec, fn, example, empty)
   convs = [p for p in traverse_util.flatten_dict(sd.unet_params) if p[-1] == "kernel"
            and np.ndim(traverse_util.flatten_dict(sd.unet_params)[p]) == 4]
@@ -190,6 +194,32 @@ def test_no_gradient_with_respect_to_the_base_in_the_lowered_step():
   assert n_lora == len(adapted_convs), (n_lora, len(adapted_convs))
   assert full_text.count("stablehlo.convolution") - lora_text.count("stablehlo.convolution") >= (
       len(convs) - len(adapted_convs))
+
+
+def test_no_gradient_with_respect_to_the_base_text_encoder_in_the_lowered_step():
+  """With text-encoder LoRA on the attention projections, the step's program takes no gradient
+  shaped like a frozen text-encoder kernel (the MLP's fc1 / fc2) beyond those the UNet-only
+  LoRA program already has, and one transient dL/dW' per adapted projection. The control:
+  adapting the MLP too adds one kernel-shaped gradient per fc1 / fc2 (the check can fail)."""
+  unet_only, _ = _lowered_text(_config())
+  te_attention, _ = _lowered_text(_config(**{"lora.text_encoder_targets": ("attention",)}))
+  te_all, _ = _lowered_text(_config(**{"lora.text_encoder_targets": ("attention", "mlp")}))
+  sd = pipeline.load_stable_diffusion(BASE, ("text_encoder", "tokenizer"))
+  flat = {p[:-1]: v.shape for p, v in traverse_util.flatten_dict(sd.text_encoder_params).items()
+          if p[-1] == "kernel" and v.ndim == 2 and p[-3] in ("self_attn", "mlp")}
+  layers_n = sd.text_encoder.config.num_hidden_layers
+  mlp = {s for m, s in flat.items() if m[-2] == "mlp"}
+  attention = {s for m, s in flat.items() if m[-2] == "self_attn"}
+  assert mlp and attention and not (mlp & attention) and not (
+      mlp & {s[::-1] for s in attention})  # the shapes tell the two kinds apart
+  rows = 2 * _config().train.pairs_per_step // _config().train.grad_accum
+
+  def count(text, shapes):
+    return len(_kernel_shaped_dots(text, rows, shapes))
+
+  assert count(te_attention, mlp) == count(unet_only, mlp)
+  assert count(te_attention, attention) >= count(unet_only, attention) + 4 * layers_n
+  assert count(te_all, mlp) >= count(unet_only, mlp) + 2 * layers_n
 
 
 def test_lora_parameters_shard_by_their_logical_axes():
