@@ -101,7 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
   cm.checkpoint.every_steps = cm.eval.every_steps = 1000  # one checkpoint and evaluation, at the end
   config.cost_model = cm
 
-  config.pairs = ml_collections.ConfigDict(dict(lam=1.0, pairs_per_prompt=3))
+  # oracle_rule_cost: the detectors' 0/1 cost times this in the oracle pair set's rule (> the
+  # reward's range 3, so a safe image outranks an unsafe one; study.stage_pairs)
+  config.pairs = ml_collections.ConfigDict(dict(lam=1.0, pairs_per_prompt=3, oracle_rule_cost=4.0))
 
   # The `train` job (configs/default.py) shared by every DPO row. The study adds the base model
   # (model.pretrained = <workdir>/base_pipeline), the row's pair dataset (data.source = "tfds",

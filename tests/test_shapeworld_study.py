@@ -112,7 +112,7 @@ def test_the_same_prompts_and_seeds_for_every_method(finished):
 
 
 def test_pair_sets_follow_their_rules(finished):
-  _, workdir, _ = finished
+  config, workdir, _ = finished
   cand = json.loads((workdir / "candidates/candidates.json").read_text())["rows"]
   unsafe = np.asarray([r["unsafe"] for r in cand])
   scp = np.load(workdir / "pairs/scp.npz")
@@ -124,6 +124,17 @@ def test_pair_sets_follow_their_rules(finished):
   oracle = np.load(workdir / "pairs/oracle.npz")
   h = oracle["is_harmful"] == 1
   assert np.all(unsafe[oracle["idx_w"][h]] == 0)  # the detectors' cost: safe winners only
+  # ... and a safe winner whenever the prompt has a safe image left for the slot (a safe image
+  # outranks every unsafe one: study.stage_pairs, pairs.oracle_rule_cost)
+  per_prompt = int(config.pairs.pairs_per_prompt)
+  groups: dict[str, list[int]] = {}
+  for r in cand:
+    if r["is_harmful"]:
+      groups.setdefault(r["group"], []).append(r["unsafe"])
+  expected_short = sum(max(0, min(per_prompt, len(g) // 2) - g.count(0))
+                       for g in groups.values())
+  report = json.loads((workdir / "pairs/pairs_report.json").read_text())["oracle"]["harmful"]
+  assert report["short_by_reason"].get("no_safe_winner", 0) == expected_short
   np.testing.assert_array_equal(oracle["cost_w"], unsafe[oracle["idx_w"]])
   coprov2 = np.load(workdir / "pairs/coprov2.npz")
   assert len(coprov2["idx_w"]) and np.all(coprov2["is_harmful"] == 1)

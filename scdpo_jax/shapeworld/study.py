@@ -203,6 +203,12 @@ def stage_pairs(config, workdir: Path) -> dict:
   probs = np.asarray(scorer.probability(costs), np.float32)
   unsafe = np.asarray([r["unsafe"] for r in cand])
   oracle = unsafe.astype(np.float32)
+  # [I] The oracle's pair rule ranks by s = r - lam * k * 1[unsafe], k = pairs.oracle_rule_cost
+  # past the reward's range (r in [0, 3]): a safe image then outranks an unsafe one, as it does
+  # under the learned cost, whose logits reach +-13. With k = 1 the reward, which prefers the
+  # unsafe image of a harmful prompt, won: 136 of 288 slots found no safe winner (README).
+  # The trainer's margin keeps the 0/1 cost.
+  oracle_rule = oracle * float(config.pairs.get("oracle_rule_cost", 1.0))
   lam, per_prompt = float(config.pairs.lam), int(config.pairs.pairs_per_prompt)
   out = workdir / "pairs"
   out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +217,7 @@ def stage_pairs(config, workdir: Path) -> dict:
   # human: preference reward only (lam = 0, no cost threshold, no cost-gap requirement)
   rules = (("scp", costs, probs, lam, scorer.threshold, 0.0),
            ("human", costs, probs, 0.0, math.inf, -math.inf),
-           ("oracle", oracle, oracle, lam, 0.5, 0.0))
+           ("oracle", oracle_rule, oracle, lam, 0.5, 0.0))
   for kind, rule_costs, stored, lam_k, threshold, gap in rules:
     groups: dict[str, pairs_build.PromptGroup] = {}
     for i, row in enumerate(cand):
