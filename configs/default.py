@@ -68,9 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.beta = 5000.0
   config.train.safety_mode = "margin"  # "none" | "relabel" (A) | "margin" (B) | "dual" (C)
   config.train.lam = 1.0  # lambda: weight of the safety cost (initial value in "dual")
-  # margin form: "bonus" z + lam (C_l - C_w) (shipped; moves harmful pairs LESS than plain DPO,
-  # see README) | "offset" z - lam (C_l - C_w) (SafeDPO-style; moves them more)
-  config.train.margin_form = "bonus"
+  # margin form: "offset" z - lam (C_l - C_w) (SafeDPO-style; moves harmful pairs more than plain
+  # DPO; the ShapeWorld study's validation choice) | "bonus" z + lam (C_l - C_w) (the first [I]
+  # form; moves them LESS, see README)
+  config.train.margin_form = "offset"
   config.train.cost_budget = 0.0  # "dual": target expected cost d
   config.train.dual_lr = 0.0  # "dual": dual ascent step size
   config.train.lam_max = 1e4
@@ -78,9 +79,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.gamma_start = 0.0  # gamma ramps linearly from here ...
   config.train.gamma_ramp_steps = 0  # ... over this many steps (0 = fixed gamma)
   config.train.focus_normalize = True  # divide by sum of focusing weights (else by pairs)
-  # [I] what Dynamic Focusing measures hardness on: "logit" (z with the cost margin, shipped
-  # before the multi-concept study) | "preference" (the DPO logit without the margin)
-  config.train.focus_on = "logit"
+  # [I] what Dynamic Focusing measures hardness on: "preference" (the DPO logit without the
+  # margin; the ShapeWorld study's validation choice) | "logit" (z with the cost margin, the
+  # first form)
+  config.train.focus_on = "preference"
   # Diffusion-SDPO winner-preserving safeguard (AIDC-AI/Diffusion-SDPO, arXiv 2511.03317) on any
   # loss_type "dpo" config: the loser's gradient is scaled by a detached lambda in [0, 1] per
   # micro-batch; mu in [0, 1] is its margin. 0 = off (the default; the official mu = 0, "on with

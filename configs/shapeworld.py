@@ -98,7 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 1000 steps on the world CLIP's tower: held-out AUROC 0.93 (0.89 at 300; the random tower
   # gave 0.76 at 300), a few seconds
   cm.train.num_steps = 1000
-  cm.checkpoint.every_steps = cm.eval.every_steps = 1000  # one checkpoint and evaluation, at the end
+  cm.checkpoint.every_steps = cm.eval.every_steps = 1000  # one checkpoint and evaluation, at end
   config.cost_model = cm
 
   # oracle_rule_cost: the detectors' 0/1 cost times this in the oracle pair set's rule (> the

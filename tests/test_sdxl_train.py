@@ -99,7 +99,8 @@ def _torch_loss(c, rnd):
         dim=[1, 2, 3])
   m_w, m_l = model_losses.chunk(2)
   r_w, r_l = ref_losses.chunk(2)
-  inside = -0.5 * BETA * ((m_w - m_l) - (r_w - r_l)) + LAM * (tt(b["cost_l"]) - tt(b["cost_w"]))
+  # the default margin form "offset": z - lam (C_l - C_w)
+  inside = -0.5 * BETA * ((m_w - m_l) - (r_w - r_l)) - LAM * (tt(b["cost_l"]) - tt(b["cost_w"]))
   loss = -F.logsigmoid(inside).mean()
   loss.backward()
   return (float(loss.detach()), inside.detach().numpy(),

@@ -6,10 +6,12 @@ hand-written PyTorch transcription of the loss with the semantics of the public 
 `train.py` (Salesforce/DiffusionDPO): per-sample MSE averaged over C, H, W; `model_diff = m_w -
 m_l`, `ref_diff = r_w - r_l` under `no_grad`; `inside = -0.5 * beta * (model_diff - ref_diff)`;
 `loss = -logsigmoid(inside).mean()`; SFT = winner MSE. On top of it the SC-DPO forms written
-from ../shared/docs/method.md 2.2/2.4: cost margin `inside += lam * (C_l - C_w)`, relabelling
+from ../shared/docs/method.md 2.2/2.4: cost margin `inside -= lam * (C_l - C_w)` (`offset`, the
+default; `bonus` adds it), relabelling
 (swap where `r_l - lam C_l > r_w - lam C_w`), dual ascent `lam <- clip(lam + lr (E[C] - d), 0,
 lam_max)` with `E[C] = mean(sigmoid(z) C_w + (1 - sigmoid(z)) C_l)`, and Dynamic Focusing
-`w = (1 - sigmoid(z))^gamma` (detached), `loss = sum(w nll) / sum(w)`. Diffusion-SDPO
+`w = (1 - sigmoid(z))^gamma` (detached; z without the margin by default, `focus_on="logit"`
+with it), `loss = sum(w nll) / sum(w)`. Diffusion-SDPO
 (`train.sdpo_mu`) transcribed from AIDC-AI/Diffusion-SDPO `train.py`: lambda from torch autograd
 gradients of the winner / loser output-space MSEs (`get_adaptive_lose_l_scale`), per micro-batch,
 and `model_losses_l_scaled = m_l.detach() + lambda (m_l - m_l.detach())` in the logit; its
@@ -265,10 +267,12 @@ def torch_step(m: _Models, *, t, noise, drop, lam, gamma, cfg: step_lib.StepConf
       ref_losses_w, ref_losses_l = ref_losses.chunk(2)
       ref_diff = ref_losses_w - ref_losses_l
     scale_term = -0.5 * cfg.beta
-    inside = scale_term * (model_diff - ref_diff)
+    inside = preference = scale_term * (model_diff - ref_diff)
     if cfg.safety_mode in ("margin", "dual"):
-      inside = inside + lam * (cost_l - cost_w)
-    weight = ((1.0 - torch.sigmoid(inside)) ** gamma).detach()
+      sign = 1.0 if cfg.margin_form == "bonus" else -1.0
+      inside = inside + sign * lam * (cost_l - cost_w)
+    hardness = inside if cfg.focus_on == "logit" else preference
+    weight = ((1.0 - torch.sigmoid(hardness)) ** gamma).detach()
     nll = -F.logsigmoid(inside)
     loss = (weight * nll).sum() / (weight.sum() if cfg.focus_normalize else weight.shape[0])
   loss.backward()
@@ -297,8 +301,10 @@ def _configs(beta: float) -> dict[str, step_lib.StepConfig]:
                                             **common),
       "margin": step_lib.StepConfig(safety_mode="margin", **ramp, **common),
       # with the unnormalised focusing loss sum(w nll) / B
+      # the first [I] forms (cost margin added, focusing on the full logit) with dual ascent
       "dual_unnorm": step_lib.StepConfig(safety_mode="dual", focus_normalize=False, **ramp,
-                                         **DUAL, **common),
+                                         margin_form="bonus", focus_on="logit", **DUAL,
+                                         **common),
       "sft": step_lib.StepConfig(loss_type="sft", safety_mode="none", **common),
       # Diffusion-SDPO on plain DPO (the released SD1.5 mu) and on the SC-DPO margin form with
       # focusing and two micro-batches (one lambda each; the SDXL mu)

@@ -51,8 +51,9 @@ from scdpo_jax.train import losses as L
 
 LOSS_TYPES = ("dpo", "sft")
 SAFETY_MODES = ("none", "relabel", "margin", "dual")
-# "bonus": z + lambda (C_l - C_w) (the shipped [I] reconstruction); "offset": z - lambda (C_l - C_w)
-# (SafeDPO / ODPO-style: the policy must beat the cost gap). See losses.cost_margin.
+# "offset": z - lambda (C_l - C_w) (the default; SafeDPO / ODPO-style: the policy must beat the
+# cost gap); "bonus": z + lambda (C_l - C_w) (the first [I] reconstruction, which moves harmful
+# pairs less than plain DPO: tests/test_train_direction.py). See losses.cost_margin.
 MARGIN_FORMS = ("bonus", "offset")
 FOCUS_ON = ("logit", "preference")
 TAGS = ("harmful", "clean")
@@ -88,8 +89,8 @@ class StepConfig:
   cost_budget: float = struct.field(pytree_node=False, default=0.0)
   dual_lr: float = struct.field(pytree_node=False, default=0.0)
   lam_max: float = struct.field(pytree_node=False, default=1e4)
-  margin_form: str = struct.field(pytree_node=False, default="bonus")
-  focus_on: str = struct.field(pytree_node=False, default="logit")
+  margin_form: str = struct.field(pytree_node=False, default="offset")
+  focus_on: str = struct.field(pytree_node=False, default="preference")
   caption_dropout: float = struct.field(pytree_node=False, default=0.2)
   grad_accum: int = struct.field(pytree_node=False, default=1)
   sdpo_mu: float = struct.field(pytree_node=False, default=0.0)  # Diffusion-SDPO; 0 = off
