@@ -21,9 +21,10 @@ Conventions (those of the public Diffusion-DPO code, Wallace et al. 2024):
   (B) a cost margin inside the sigmoid: `z_B = z + lambda * (C_l - C_w)` (`cost_margin`,
       `train.margin_form="bonus"`, our first form) or `z_B = z - lambda * (C_l - C_w)`
       (`"offset"`, SafeDPO / offset-DPO style, the default). Measured
-      (tests/test_train_direction.py): the bonus form treats a pair with a costly loser as already explained, its gradient weight
-      sigmoid(-z) shrinks, and harmful pairs move *less* than under plain DPO; the offset form
-      demands that the policy's preference exceed the cost gap and moves them more;
+      (tests/test_train_direction.py): the bonus form treats a pair with a costly loser as
+      already explained, its gradient weight sigmoid(-z) shrinks, and harmful pairs move *less*
+      than under plain DPO; the offset form demands that the policy's preference exceed the cost
+      gap and moves them more;
   (C) lambda adapted by projected dual ascent towards a cost budget d (`dual_ascent_update`).
 * Dynamic Focusing Mechanism ([I] formula): `w = stop_gradient((1 - sigmoid(z)) ** gamma)`; the
   loss is `sum(w * -log sigmoid(z)) / sum(w)` (weights normalised over the batch, so the gradient
