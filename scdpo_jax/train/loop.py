@@ -240,9 +240,11 @@ class Interruption:
     if self.requested and signum == signal.SIGINT:
       logging.warning("second SIGINT: stopping now, without a checkpoint")
       raise KeyboardInterrupt
+    # the flag before the log line: a second Ctrl-C sent as soon as the line appears may run
+    # this handler again, nested, before the first one returns
+    self.requested = name
     logging.warning("%s received: saving a checkpoint at the end of this step, then stopping "
                     "(Ctrl-C again to abort at once)", name)
-    self.requested = name
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
