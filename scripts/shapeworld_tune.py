@@ -29,6 +29,8 @@ SHARED = ("base_pipeline", "candidates", "world_clip", "cost_model", "cost_model
 
 
 def _parse(value: str):
+  if value.startswith("["):  # a JSON list, e.g. evaluate.seeds=[0,1,2,3,4,5] (--set only)
+    return tuple(json.loads(value))
   for cast in (int, float):
     try:
       return cast(value)
@@ -53,7 +55,8 @@ def main(argv=None) -> int:
   parser.add_argument("--grid", action="append", default=[],
                       help="key=v1,v2,... (a config key of configs/shapeworld.py)")
   parser.add_argument("--set", action="append", default=[],
-                      help="key=value applied to every run (shared stages included)")
+                      help="key=value applied to every run (shared stages included); a "
+                      "list as JSON, e.g. evaluate.seeds=[0,1,2,3,4,5]")
   parser.add_argument("--method", default="sc_dpo", help="the method whose config is tuned")
   args = parser.parse_args(argv)
 

@@ -139,6 +139,30 @@ def test_gradient_matches_finite_differences():
     np.testing.assert_allclose(g[i], fd, rtol=2e-2)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_focused_dpo_sft_loss_matches_numpy_and_its_gradient(normalize):
+  """sum(w nll) / sum(w) + alpha mean(m_w), w from the hardness logit, outside the term; with
+  gamma = 0 and w = 1 the winner's gradient is (0.5 beta sigmoid(-z) + alpha) / B; alpha = 0 is
+  focused_dpo_loss exactly."""
+  mw, ml, rw, rl = _mse_terms()
+  beta, alpha, gamma = 2000.0, 300.0, 1.0
+  z = L.dpo_logit(mw, ml, rw, rl, beta)
+  z_ref = np_logit(mw, ml, rw, rl, beta)
+  h = z_ref - RNG.uniform(0, 2, size=B)  # a hardness other than z (focus_on="preference" + margin)
+  w = np_sigmoid(-h) ** gamma
+  dpo = np.sum(w * -np_logsigmoid(z_ref)) / (w.sum() if normalize else B)
+  np.testing.assert_allclose(
+      L.focused_dpo_sft_loss(z, h.astype(np.float32), mw, gamma, alpha, normalize),
+      dpo + alpha * mw.astype(np.float64).mean(), rtol=1e-5)
+  np.testing.assert_allclose(L.focused_dpo_sft_loss(z, z, mw, gamma, 0.0, normalize),
+                             L.focused_dpo_loss(z, gamma, normalize), rtol=1e-6)
+  loss = lambda m: L.focused_dpo_sft_loss(L.dpo_logit(m, ml, rw, rl, beta),
+                                          L.dpo_logit(m, ml, rw, rl, beta), m, 0.0, alpha,
+                                          normalize)
+  np.testing.assert_allclose(jax.grad(loss)(jnp.asarray(mw)),
+                             (0.5 * beta * np_sigmoid(-z_ref) + alpha) / B, rtol=1e-4)
+
+
 def test_sft_gradient():
   mw = jnp.asarray(_mse_terms()[0])
   np.testing.assert_allclose(jax.grad(L.sft_loss)(mw), np.full(B, 1.0 / B), rtol=1e-6)

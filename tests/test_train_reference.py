@@ -15,7 +15,9 @@ with it), `loss = sum(w nll) / sum(w)`. Diffusion-SDPO
 (`train.sdpo_mu`) transcribed from AIDC-AI/Diffusion-SDPO `train.py`: lambda from torch autograd
 gradients of the winner / loser output-space MSEs (`get_adaptive_lose_l_scale`), per micro-batch,
 and `model_losses_l_scaled = m_l.detach() + lambda (m_l - m_l.detach())` in the logit; its
-cases run on the toy model only.
+cases run on the toy model only, as does the winner likelihood term (`train.sft_weight`: `loss +=
+alpha * mean(m_w)`, outside the focusing weights; with two micro-batches, whose gradients the step
+accumulates apart, and with one).
 
 Compared: our step's loss and metrics, per-pair logits (`micro_batch_terms`) and parameter
 gradients (torch autograd, moved to our layout by `scdpo_jax.models.convert`). Gradients are
@@ -69,7 +71,9 @@ LAM = 1.5
 CAPTION_DROPOUT = 0.3
 GAMMA, RAMP = 2.0, 4  # gamma ramps 0 -> 2 over 4 steps: step 0 gives 0, step 2 gives 1, 4+ give 2
 DUAL = dict(cost_budget=0.2, dual_lr=0.7, lam_max=2.0)
-SDPO_ONLY_TOY = ("sdpo_none", "sdpo_margin_accum2")  # cheap: the UNet cases check the same code
+# cheap: the UNet cases check the same code
+ONLY_TOY = ("sdpo_none", "sdpo_margin_accum2", "margin_sft_accum2", "margin_sft_unnorm",
+            "margin_sft")
 
 
 def _torch_unet(seed):
@@ -275,6 +279,8 @@ def torch_step(m: _Models, *, t, noise, drop, lam, gamma, cfg: step_lib.StepConf
     weight = ((1.0 - torch.sigmoid(hardness)) ** gamma).detach()
     nll = -F.logsigmoid(inside)
     loss = (weight * nll).sum() / (weight.sum() if cfg.focus_normalize else weight.shape[0])
+    if cfg.sft_weight > 0:  # the winner likelihood term, outside the focusing weights
+      loss = loss + cfg.sft_weight * model_losses_w.mean()
   loss.backward()
   grads = {name: p.grad.detach().clone() for name, p in policy.named_parameters()}
   new_lam = lam
@@ -311,6 +317,14 @@ def _configs(beta: float) -> dict[str, step_lib.StepConfig]:
       "sdpo_none": step_lib.StepConfig(safety_mode="none", sdpo_mu=0.9, **common),
       "sdpo_margin_accum2": step_lib.StepConfig(safety_mode="margin", grad_accum=2, sdpo_mu=0.6,
                                                 **ramp, **common),
+      # the winner likelihood term (+ alpha m_w per pair) on the margin form with focusing and
+      # two micro-batches; alpha = 0.5 beta, DPO's own pull on m_w at z = 0
+      "margin_sft_accum2": step_lib.StepConfig(safety_mode="margin", grad_accum=2,
+                                               sft_weight=0.5 * beta, **ramp, **common),
+      "margin_sft": step_lib.StepConfig(safety_mode="margin", sft_weight=0.5 * beta, **ramp,
+                                        **common),
+      "margin_sft_unnorm": step_lib.StepConfig(safety_mode="margin", sft_weight=0.5 * beta,
+                                               focus_normalize=False, **ramp, **common),
   }
 
 
@@ -375,11 +389,13 @@ CASES = [  # (config, step, gamma at that step): gamma ramps 0 -> GAMMA over RAM
     ("dual_unnorm", 0, 0.0), ("dual_unnorm", RAMP, GAMMA),
     ("sft", 0, 0.0),
     ("sdpo_none", 0, 0.0), ("sdpo_margin_accum2", 0, 0.0), ("sdpo_margin_accum2", RAMP, GAMMA),
+    ("margin_sft_accum2", RAMP, GAMMA), ("margin_sft", RAMP, GAMMA),
+    ("margin_sft_unnorm", RAMP, GAMMA),
 ]
 ERRORS = {}  # measured relative errors, printed at the end of the module
 PARAMS = [pytest.param(kind, name, step, gamma, id=f"{name}-step{step}-{kind}")
           for kind in ("unet", "toy") for name, step, gamma in CASES
-          if kind == "toy" or name not in SDPO_ONLY_TOY]
+          if kind == "toy" or name not in ONLY_TOY]
 
 
 @pytest.mark.parametrize("kind,name,step,gamma", PARAMS)
@@ -452,6 +468,16 @@ def test_sdpo_mu_is_checked():
       step_lib.StepConfig(sdpo_mu=bad).validate()
   with pytest.raises(ConfigError, match="loss_type"):
     step_lib.StepConfig(loss_type="sft", sdpo_mu=0.9).validate()
+
+
+def test_sft_weight_is_checked():
+  """train.sft_weight: >= 0 (0 = off), and only with the DPO loss (loss_type sft is m_w alone)."""
+  step_lib.StepConfig(sft_weight=1000.0).validate()
+  for bad in (-1.0, float("nan")):
+    with pytest.raises(ConfigError, match="sft_weight"):
+      step_lib.StepConfig(sft_weight=bad).validate()
+  with pytest.raises(ConfigError, match="loss_type"):
+    step_lib.StepConfig(loss_type="sft", sft_weight=1.0).validate()
 
 
 def test_randomness_is_per_step_and_in_range(models):

@@ -34,6 +34,8 @@ Conventions (those of the public Diffusion-DPO code, Wallace et al. 2024):
   the harmful pairs with a costly loser, README "ShapeWorld"), or "preference" = the plain DPO
   logit z without the margin, so w measures how hard the *preference* still is for the policy,
   the paper's "difficult pairs" reading.
+* Winner likelihood term ([I], `train.sft_weight` alpha, `focused_dpo_sft_loss`): the loss
+  above plus alpha * mean(m_w), outside the focusing weights; alpha = 0 is the loss above.
 * Diffusion-SDPO winner-preserving safeguard (`sdpo_loser_scale`, `sdpo_scale_loser_grad`;
   AIDC-AI/Diffusion-SDPO `train.py`, arXiv 2511.03317): the loser's gradient is scaled by a
   detached lambda in [0, 1] so that, to first order in output space, the step does not increase
@@ -240,6 +242,31 @@ def focused_dpo_loss(z: jax.Array, gamma: jax.Array | float, normalize: bool = T
   """DPO with the Dynamic Focusing Mechanism; normalize=True divides by sum(w), else by B."""
   total, wsum = weighted_dpo_terms(z, focusing_weights(z, gamma))
   return total / (wsum if normalize else z.shape[0])
+
+
+def focused_dpo_sft_loss(z: jax.Array, hardness: jax.Array, model_w: jax.Array,
+                         gamma: jax.Array | float, sft_weight: float,
+                         normalize: bool = True) -> jax.Array:
+  """SC-DPO with the winner likelihood term ([I], `train.sft_weight` alpha):
+
+      L = sum_i w_i * -log sigmoid(z_i) / sum_i w_i  +  alpha * mean_i(m_w_i),
+      w_i = stop_gradient((1 - sigmoid(h_i)) ** gamma)   (h = `hardness`: z, or z without margin)
+
+  (sum_i w_i becomes B with normalize=False). SC-DPO "maximizes the likelihood of generating
+  human-preferred samples while minimizing the safety cost" (arXiv 2504.14290, abstract); the
+  DPO logit alone only ranks winner above loser relative to the reference, and can do so by
+  making both worse. alpha * m_w (the Diffusion-DPO code's SFT loss, `sft_nll`; for LLMs, RPO's
+  DPO + NLL, Pang et al. 2024) pulls the policy towards the winners themselves. It sits outside
+  the focusing weights: inside them, the pairs the policy already ranks right (most harmful
+  pairs after a few steps) lose their winner term too (measured in the ShapeWorld study, README).
+  DPO's own pull on m_w is 0.5 * beta * sigmoid(-z) per pair, so alpha = 0.5 * beta matches it
+  at z = 0. The train step computes the same value with exact gradients under gradient
+  accumulation (train/step.py).
+  """
+  _check_float("model_w", model_w, ndim=1)
+  total, wsum = weighted_dpo_terms(z, focusing_weights(hardness, gamma))
+  dpo = total / (wsum if normalize else z.shape[0])
+  return dpo + jnp.asarray(sft_weight, jnp.float32) * jnp.mean(sft_nll(model_w))
 
 
 def sft_loss(model_w: jax.Array) -> jax.Array:

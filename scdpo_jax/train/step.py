@@ -94,6 +94,7 @@ class StepConfig:
   caption_dropout: float = struct.field(pytree_node=False, default=0.2)
   grad_accum: int = struct.field(pytree_node=False, default=1)
   sdpo_mu: float = struct.field(pytree_node=False, default=0.0)  # Diffusion-SDPO; 0 = off
+  sft_weight: float = struct.field(pytree_node=False, default=0.0)  # alpha of + alpha m_w; 0 = off
 
   def validate(self) -> None:
     check_choice("train.loss_type", self.loss_type, LOSS_TYPES)
@@ -114,6 +115,11 @@ class StepConfig:
     # [0, 1] is what the official get_adaptive_lose_l_scale asserts; 0 switches it off here.
     if not 0.0 <= self.sdpo_mu <= 1.0:
       raise ConfigError(f"train.sdpo_mu must be in [0, 1] (0 = off), got {self.sdpo_mu}")
+    if not self.sft_weight >= 0:
+      raise ConfigError(f"train.sft_weight must be >= 0 (0 = off), got {self.sft_weight}")
+    if self.sft_weight > 0 and self.loss_type != "dpo":
+      raise ConfigError(f"train.sft_weight > 0 adds the winner's MSE to the DPO loss; it needs "
+                        f"train.loss_type 'dpo', got {self.loss_type!r}")
     if self.sdpo_mu > 0 and self.loss_type != "dpo":
       raise ConfigError(f"train.sdpo_mu > 0 (Diffusion-SDPO) needs train.loss_type 'dpo', got "
                         f"{self.loss_type!r}")
@@ -264,30 +270,66 @@ def make_train_step(*, apply_fn: Callable, ref_apply_fn: Callable, optimizer,
                                         cfg.caption_dropout)}
     micro = jax.tree.map(
         lambda x: jnp.moveaxis(x.reshape((n // accum, accum) + x.shape[1:]), 1, 0), batch)
-    grad_fn = jax.value_and_grad(micro_batch_terms, has_aux=True)
-    terms = lambda p, mb: grad_fn(
-        p, ref_params, mb, state.lam, gamma, apply_fn=apply_fn, ref_apply_fn=ref_apply_fn,
-        schedule=schedule, empty_states=empty_states, cfg=cfg, policy_text_fn=policy_text_fn)
+    terms_kw = dict(apply_fn=apply_fn, ref_apply_fn=ref_apply_fn, schedule=schedule,
+                    empty_states=empty_states, cfg=cfg, policy_text_fn=policy_text_fn)
+    alpha = cfg.sft_weight
+    # [I] the winner likelihood term alpha * mean(m_w) (losses.focused_dpo_sft_loss) sits outside
+    # the focusing weights and their sum(w) normalisation. Its gradient is exact in one backward
+    # pass when sum(w) is known inside the micro-batch (one micro-batch, or no normalisation);
+    # else the two terms' gradients are accumulated apart (one forward, two backward passes).
+    normalized = cfg.focus_normalize and cfg.loss_type == "dpo"
+    split_grads = alpha > 0 and normalized and accum > 1
+
+    def terms(p, mb):
+      return micro_batch_terms(p, ref_params, mb, state.lam, gamma, **terms_kw)
+
+    def objective(p, mb):  # what one backward pass differentiates; aux: the DPO sums
+      total, (wsum, per_pair) = terms(p, mb)
+      if alpha == 0:  # Python if: the program without the term
+        return total, (total, wsum, per_pair)
+      # the step divides by sum(w) (= this micro-batch's wsum) or by n (= wsum unnormalised)
+      scale = alpha * jax.lax.stop_gradient(wsum) / n if normalized else alpha
+      return total + scale * jnp.sum(per_pair["model_mse_w"]), (total, wsum, per_pair)
+
+    def grads_of(p, mb):
+      if not split_grads:
+        (_, (total, wsum, per_pair)), grads = jax.value_and_grad(objective, has_aux=True)(p, mb)
+        return total, wsum, per_pair, grads, None
+      def both(q):  # the two sums, differentiated apart
+        total, (wsum, per_pair) = terms(q, mb)
+        return (total, jnp.sum(per_pair["model_mse_w"])), (wsum, per_pair)
+
+      (total, sft), vjp_fn, (wsum, per_pair) = jax.vjp(both, p, has_aux=True)
+      grads = vjp_fn((jnp.ones_like(total), jnp.zeros_like(sft)))[0]
+      sft_grads = vjp_fn((jnp.zeros_like(total), jnp.ones_like(sft)))[0]
+      return total, wsum, per_pair, grads, sft_grads
 
     def body(carry, xs):
-      grads_acc, total_acc, wsum_acc, sums_acc = carry
+      grads_acc, sft_acc, total_acc, wsum_acc, sums_acc = carry
       mb = xs
-      (total, (wsum, per_pair)), grads = terms(state.params, mb)
+      total, wsum, per_pair, grads, sft_grads = grads_of(state.params, mb)
       sums, counts = _tagged_sums(per_pair, mb["is_harmful"])
       sums = {**sums, **counts}
-      return (jax.tree.map(jnp.add, grads_acc, grads), total_acc + total, wsum_acc + wsum,
-              jax.tree.map(jnp.add, sums_acc, sums)), None
+      if split_grads:
+        sft_acc = jax.tree.map(jnp.add, sft_acc, sft_grads)
+      return (jax.tree.map(jnp.add, grads_acc, grads), sft_acc, total_acc + total,
+              wsum_acc + wsum, jax.tree.map(jnp.add, sums_acc, sums)), None
 
     zeros_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     sum_keys = METRIC_SUM_KEYS + (SDPO_SUM_KEYS if cfg.sdpo_mu > 0 else ())
     zero_sums = {k: jnp.zeros((), jnp.float32) for k in sum_keys}
-    init = (zeros_grads, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zero_sums)
+    init = (zeros_grads, zeros_grads if split_grads else (), jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.float32), zero_sums)
     if accum == 1:
-      (grads, total, wsum, sums), _ = body(init, jax.tree.map(lambda x: x[0], micro))
+      (grads, sft_grads, total, wsum, sums), _ = body(init, jax.tree.map(lambda x: x[0], micro))
     else:
-      (grads, total, wsum, sums), _ = jax.lax.scan(body, init, micro)
+      (grads, sft_grads, total, wsum, sums), _ = jax.lax.scan(body, init, micro)
+    if split_grads:  # sum(w) is known now: bring the term's gradient to the same divisor
+      grads = jax.tree.map(lambda g, h: g + (alpha * wsum / n) * h, grads, sft_grads)
 
     loss = total / wsum
+    if alpha > 0:
+      loss = loss + alpha * sums["model_mse_w/all"] / n
     grads = jax.tree.map(lambda g, p: (g / wsum).astype(p.dtype), grads, state.params)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
