@@ -80,8 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.gamma_ramp_steps = 0  # ... over this many steps (0 = fixed gamma)
   config.train.focus_normalize = True  # divide by sum of focusing weights (else by pairs)
   # [I] what Dynamic Focusing measures hardness on: "preference" (the DPO logit without the
-  # margin; the ShapeWorld study's validation choice) | "logit" (z with the cost margin, the
-  # first form)
+  # margin; the ShapeWorld study's validation choice without the winner term) | "logit" (z with
+  # the cost margin: cost-aware hardness; the study's choice with the winner term, sft_weight)
   config.train.focus_on = "preference"
   # Diffusion-SDPO winner-preserving safeguard (AIDC-AI/Diffusion-SDPO, arXiv 2511.03317) on any
   # loss_type "dpo" config: the loser's gradient is scaled by a detached lambda in [0, 1] per

@@ -5,7 +5,7 @@
   python main.py --config configs/shapeworld.py --workdir runs/shapeworld --config.only=evaluate,report
 
 Budget: at most 15 minutes on 2 CPU cores from an empty workdir with a warm compile cache
-(measured: README.md, section ShapeWorld). Fifteen rows (shapeworld/methods.py): the base, six
+(measured: README.md, section ShapeWorld). Sixteen rows (shapeworld/methods.py): the base, seven
 SC-DPO variants, Diffusion-DPO, SafetyDPO and All-single, SafeDiffusion-R1 and four
 training-free guards, on the same held-out prompts, seeds and exact detectors.
 Stages, in order (`config.only` = comma-separated subset; each reuses what the workdir holds):
@@ -114,12 +114,14 @@ def get_config() -> ml_collections.ConfigDict:
   ft.data.seed = config.get_ref("seed")
   ft.data.hflip = True
   # Tuned on the validation split (scripts/shapeworld_tune.py; README "Tuning"): margin form
-  # "offset", focusing on the preference logit, lr 1e-4 (of bonus/offset x logit/preference x
-  # gamma 0/1 at lr 3e-4, then lr 1e-4 x beta 2000/5000).
+  # "offset" (of bonus/offset x logit/preference x gamma 0/1, then lr x beta); then, with the
+  # [I] winner likelihood term (train.sft_weight alpha; without it no fine-tune moved the
+  # validation split), alpha 2000, lr 3e-4 and focusing on the full logit (cost-aware hardness),
+  # the best Dynamic Focusing row (gamma 1) of the third grid.
   ft.train.update(dict(loss_type="dpo", beta=2000.0, safety_mode="margin", lam=1.0, gamma=1.0,
-                       margin_form="offset", focus_on="preference",
+                       margin_form="offset", focus_on="logit", sft_weight=2000.0,
                        caption_dropout=0.1, pairs_per_step=32, grad_accum=1, num_steps=50))
-  ft.optimizer.update(dict(lr=1e-4, warmup_steps=8))
+  ft.optimizer.update(dict(lr=3e-4, warmup_steps=8))
   ft.checkpoint.update(dict(every_steps=50, async_save=False, keep=1))
   ft.log.update(dict(every_steps=10, tensorboard=False))
   config.finetune = ft

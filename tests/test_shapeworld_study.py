@@ -255,6 +255,7 @@ def test_stages_run_their_job_configs_composed_into_the_study():
       train = _flat(finetune.train_config(config, method, Path("/base"), Path("/pairs")))
       changed = {k for k in ref if train[k] != ref[k]}
       assert changed == {f"train.{k}" for k in m.train if ref[f"train.{k}"] != m.train[k]} | {
+          f"optimizer.{k}" for k in m.optimizer if ref[f"optimizer.{k}"] != m.optimizer[k]} | {
           "model.pretrained", "data.source", "data.name"}, method
     elif m.kind == "safetydpo":
       sc = _flat(finetune.safetydpo_config(config, method, Path("/base"), Path("/pairs")))
@@ -333,3 +334,19 @@ def test_library_and_configs_do_not_import_each_other():
   out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                        check=True).stdout
   assert out.strip() == "[]"
+
+
+def test_balanced_batch_runs_requests_in_equal_batches():
+  """The evaluation's 426 images run as 4 x 107 (not 4 x 128 with 86 padded); a request that
+  fits one batch runs as it is; images do not depend on the batch (test_sampling)."""
+  from scdpo_jax.shapeworld.generation import balanced_batch
+
+  assert balanced_batch(426, 128) == 107
+  assert balanced_batch(1152, 128) == 128
+  assert balanced_batch(5, 128) == 5
+  for n in range(1, 300):
+    b = balanced_batch(n, 64)
+    batches = -(-n // b)
+    assert b <= 64 and batches == -(-n // 64) and batches * b - n < batches
+  with pytest.raises(ValueError):
+    balanced_batch(0, 64)

@@ -59,6 +59,7 @@ def train_config(config, method: str, base: Path, pairs: Path) -> ml_collections
   tc.data.source = "tfds"
   tc.data.name = str(pairs)
   _override(tc.train, dict(m.train), "finetune.train")
+  _override(tc.optimizer, dict(m.optimizer), "finetune.optimizer")
   return tc
 
 

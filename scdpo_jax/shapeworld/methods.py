@@ -43,18 +43,28 @@ class Method:
   what: str  # one line for the report
   pairs: str = ""  # dpo / safetydpo: the pair set
   train: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.finetune.train
+  # config.finetune.optimizer
+  optimizer: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   safetydpo: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.safetydpo
 
 
-_SC_DPO = "SCP pairs, cost margin, Dynamic Focusing (the shipped configuration)"
+_SC_DPO = ("SCP pairs, cost margin, Dynamic Focusing, winner likelihood term (the shipped "
+           "configuration)")
+# Diffusion-DPO's own lr, chosen on the validation split (README "Tuning"); the SC-DPO rows take
+# config.finetune.optimizer's
+DIFFUSION_DPO_LR = 1e-4
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("base", "base", "the pretrained base model, CFG"),
+    # plain Diffusion-DPO (no winner term) at the lr tuned for it on the validation split
     Method("diffusion_dpo", "dpo", "Diffusion-DPO on human-preference pairs", pairs="human",
-           train=dict(safety_mode="none", gamma=0.0)),
+           train=dict(safety_mode="none", gamma=0.0, sft_weight=0.0),
+           optimizer=dict(lr=DIFFUSION_DPO_LR)),
     Method("sc_dpo", "dpo", "SC-DPO: " + _SC_DPO, pairs="scp"),
     Method("sc_dpo_no_focus", "dpo", "SC-DPO without Dynamic Focusing (gamma = 0)",
            pairs="scp", train=dict(gamma=0.0)),
+    Method("sc_dpo_no_sft", "dpo", "SC-DPO without the winner likelihood term (alpha = 0)",
+           pairs="scp", train=dict(sft_weight=0.0)),
     Method("sc_dpo_oracle_cost", "dpo",
            "SC-DPO with the exact detectors as the cost (pairs and margin)", pairs="oracle"),
     Method("sc_dpo_relabel", "dpo", "SC-DPO variant A: human pairs relabelled by r - lam C "
