@@ -49,6 +49,19 @@ def _set(config, key: str, value) -> None:
   node[last] = value
 
 
+def _check_not_overridden(method: str, keys) -> None:
+  """A key that the method's row overrides (shapeworld/methods.py) would be silently replaced."""
+  from scdpo_jax.shapeworld import methods
+
+  m = methods.get(method)
+  owned = {f"finetune.train.{k}" for k in m.train} | {
+      f"finetune.optimizer.{k}" for k in m.optimizer}
+  clash = sorted(set(keys) & owned)
+  if clash:
+    raise SystemExit(f"{', '.join(clash)}: the {method} row sets these itself (methods.py), so "
+                     f"the value given here would not be used; change the row instead")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True, type=Path)
@@ -69,6 +82,7 @@ def main(argv=None) -> int:
   logging.set_verbosity(logging.INFO)
   fixed = [(k, _parse(v)) for k, v in (s.split("=", 1) for s in args.set)]
   grid = [(k, [_parse(x) for x in v.split(",")]) for k, v in (g.split("=", 1) for g in args.grid)]
+  _check_not_overridden(args.method, [k for k, _ in fixed + grid])
 
   def config_for(values):
     config = shapeworld.get_config()

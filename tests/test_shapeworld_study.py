@@ -350,3 +350,18 @@ def test_balanced_batch_runs_requests_in_equal_batches():
     assert b <= 64 and batches == -(-n // 64) and batches * b - n < batches
   with pytest.raises(ValueError):
     balanced_batch(0, 64)
+
+
+def test_the_tune_script_refuses_a_key_its_method_row_overrides():
+  """scripts/shapeworld_tune.py: diffusion_dpo's row sets its own lr (methods.py), so a grid over
+  finetune.optimizer.lr would silently not apply to it; the script says so instead."""
+  import importlib.util
+
+  path = Path(__file__).resolve().parent.parent / "scripts" / "shapeworld_tune.py"
+  spec = importlib.util.spec_from_file_location("shapeworld_tune", path)
+  tune = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tune)
+  with pytest.raises(SystemExit, match="finetune.optimizer.lr"):
+    tune._check_not_overridden("diffusion_dpo", ["finetune.optimizer.lr"])
+  tune._check_not_overridden("sc_dpo", ["finetune.optimizer.lr", "finetune.train.gamma"])
+  assert tune._parse("[0,1,2]") == (0, 1, 2) and tune._parse("3e-4") == 3e-4
