@@ -76,6 +76,12 @@ MUTATIONS = (
     Mutation("sdpo_margin", "Diffusion-SDPO margin used as mu instead of (1 - mu)",
              ((LOSSES, "(1.0 - mu) * num / (dot", "mu * num / (dot"),),
              (f"{REF}[sdpo_none-step0-toy]",)),
+    Mutation("sft_divisor", "winner likelihood term accumulated apart, then divided by sum(w) "
+             "instead of the pair count",
+             ((STEP, "grads = jax.tree.map(lambda g, h: g + (alpha * wsum / n) * h, grads, "
+                     "sft_grads)",
+               "grads = jax.tree.map(lambda g, h: g + alpha * h, grads, sft_grads)"),),
+             (f"{REF}[margin_sft_accum2-step4-toy]",)),
 )
 
 COPIED = ("scdpo_jax", "tests", "configs", "pyproject.toml")
