@@ -20,6 +20,9 @@ One step consumes the global batch of `pairs_per_step` pairs as `grad_accum` mic
    over all pairs of the micro-batch, logged as `sdpo_lambda/all`, the step's mean over
    micro-batches). The official code computes it per device and micro-batch; here a micro-batch
    is global (all devices), so with data parallelism lambda sees more pairs.
+5. with `sft_weight` alpha > 0 ([I], `losses.focused_dpo_sft_loss`), alpha * mean(m_w) over the
+   whole batch is added outside the focusing weights; when sum(w) is only known after the last
+   micro-batch, the two terms' gradients are accumulated apart and combined at the end.
 
 By default the policy and the reference see the same text conditioning. `policy_text_fn`
 (text-encoder LoRA, `lora/text_encoder.py`) gives the policy its own text states, computed in
