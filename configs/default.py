@@ -88,9 +88,10 @@ def get_config() -> ml_collections.ConfigDict:
   # micro-batch; mu in [0, 1] is its margin. 0 = off (the default; the official mu = 0, "on with
   # no margin", is not selectable). Released launchers: SD1.5 Diffusion-DPO 0.9, SDXL 0.6.
   config.train.sdpo_mu = 0.0
-  # [I] loss_type "dpo" + alpha * m_w per pair (the winner's denoising MSE, losses.dpo_sft_nll:
-  # "maximize the likelihood of preferred samples"); DPO's own pull on m_w is 0.5 beta sigma(-z),
-  # so alpha = 0.5 beta matches it at z = 0. 0 = off (plain Diffusion-DPO / SC-DPO).
+  # [I] winner likelihood term: loss_type "dpo" + alpha * mean(m_w), the winners' denoising MSE,
+  # outside the focusing weights (losses.focused_dpo_sft_loss: "maximize the likelihood of
+  # preferred samples"); DPO's own pull on m_w is 0.5 beta sigma(-z), so alpha = 0.5 beta
+  # matches it at z = 0. 0 = off (plain Diffusion-DPO / SC-DPO).
   config.train.sft_weight = 0.0
   config.train.caption_dropout = 0.2  # fraction of pairs trained on the empty prompt
   config.train.pairs_per_step = 8  # global (effective) batch of pairs per optimizer step

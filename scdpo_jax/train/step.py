@@ -280,7 +280,7 @@ def make_train_step(*, apply_fn: Callable, ref_apply_fn: Callable, optimizer,
     # the focusing weights and their sum(w) normalisation. Its gradient is exact in one backward
     # pass when sum(w) is known inside the micro-batch (one micro-batch, or no normalisation);
     # else the two terms' gradients are accumulated apart (one forward, two backward passes).
-    normalized = cfg.focus_normalize and cfg.loss_type == "dpo"
+    normalized = cfg.focus_normalize  # (alpha > 0 implies loss_type "dpo", validated)
     split_grads = alpha > 0 and normalized and accum > 1
 
     def terms(p, mb):
