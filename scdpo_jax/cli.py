@@ -73,7 +73,7 @@ def default_compilation_cache() -> Path:
   return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scdpo-jax" / "jax"
 
 
-def _enable_compilation_cache() -> None:
+def enable_compilation_cache() -> None:
   """The persistent compilation cache (module docstring); JAX's own env variables win."""
   if os.environ.get("SCDPO_COMPILATION_CACHE", "1") == "0":
     return
@@ -86,7 +86,7 @@ def _enable_compilation_cache() -> None:
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  _enable_compilation_cache()
+  enable_compilation_cache()
   for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
     handler.addFilter(_QuietLibraries())
   from absl import logging as absl_logging

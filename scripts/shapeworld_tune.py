@@ -76,10 +76,11 @@ def main(argv=None) -> int:
   from absl import logging
 
   from configs import shapeworld
-  from scdpo_jax import files
+  from scdpo_jax import cli, files
   from scdpo_jax.shapeworld import report as report_lib, study
 
   logging.set_verbosity(logging.INFO)
+  cli.enable_compilation_cache()  # as main.py: each variant's programs are the same
   fixed = [(k, _parse(v)) for k, v in (s.split("=", 1) for s in args.set)]
   grid = [(k, [_parse(x) for x in v.split(",")]) for k, v in (g.split("=", 1) for g in args.grid)]
   _check_not_overridden(args.method, [k for k, _ in fixed + grid])

@@ -45,13 +45,13 @@ def test_the_command_line_uses_a_persistent_compilation_cache(monkeypatch, tmp_p
   try:
     jax.config.update("jax_compilation_cache_dir", None)
     monkeypatch.setenv("SCDPO_COMPILATION_CACHE", "0")
-    cli._enable_compilation_cache()
+    cli.enable_compilation_cache()
     assert not jax.config.jax_compilation_cache_dir  # turned off
     monkeypatch.setenv("SCDPO_COMPILATION_CACHE", "1")
-    cli._enable_compilation_cache()
+    cli.enable_compilation_cache()
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "scdpo-jax" / "jax")
     jax.config.update("jax_compilation_cache_dir", "/elsewhere")  # a user's choice wins
-    cli._enable_compilation_cache()
+    cli.enable_compilation_cache()
     assert jax.config.jax_compilation_cache_dir == "/elsewhere"
   finally:
     jax.config.update("jax_compilation_cache_dir", before)
