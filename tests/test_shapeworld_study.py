@@ -153,12 +153,21 @@ def test_rerun_skips_finished_stages_and_one_stage_runs_alone(finished):
   for stage in study.STAGES[:-1]:
     assert again[stage] == "skipped", stage
   assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
-  (workdir / "eval" / "test" / "negative_prompt.json").unlink()
-  only = config.copy_and_resolve_references()
-  only.only = "evaluate"
-  result = jobs.run(only, str(workdir))
-  assert set(result["evaluate"]) == {"negative_prompt"}
-  assert "report" not in result and "pretrain" not in result
+  # evaluated alone, a row gives what it gave on the background thread during the fine-tunes
+  for name in ("negative_prompt", "sc_dpo"):
+    path = workdir / "eval" / "test" / f"{name}.json"
+    during = json.loads(path.read_text())
+    images = np.load(workdir / "eval" / "test" / f"{name}_images.npy")
+    path.unlink()
+    only = config.copy_and_resolve_references()
+    only.only = "evaluate"
+    result = jobs.run(only, str(workdir))
+    assert set(result["evaluate"]) == {name}
+    assert "report" not in result and "pretrain" not in result
+    alone = json.loads(path.read_text())
+    assert {k: alone[k] for k in ev.METRICS} == {k: during[k] for k in ev.METRICS}, name
+    np.testing.assert_array_equal(np.load(workdir / "eval" / "test" / f"{name}_images.npy"),
+                                  images)
 
 
 def test_a_subset_of_methods_on_the_validation_split_keeps_the_test_report(finished):
@@ -214,6 +223,70 @@ def test_an_interrupted_finetune_stops_the_study_and_is_not_marked_done(tmp_path
   assert out == {"preempted": True, "method": "safediffusion_r1"} and len(calls) == 1
   assert not finetune.done(tmp_path, "safediffusion_r1")
   assert not (finetune.method_dir(tmp_path, "safediffusion_r1") / "done.json").exists()
+
+
+def test_background_evaluation_keeps_order_reraises_and_cancels():
+  import threading
+
+  seen = []
+  bg = ev.BackgroundEvaluation(lambda m: seen.append(m) or {"m": m})
+  for m in ("a", "b", "c"):
+    bg.submit(m)
+  assert bg.finish() == {m: {"m": m} for m in "abc"} and seen == ["a", "b", "c"]
+
+  def fail(m):
+    raise RuntimeError(f"no {m}")
+
+  bg = ev.BackgroundEvaluation(fail)
+  bg.submit("x")
+  with pytest.raises(RuntimeError, match="no x"):
+    bg.finish()
+
+  started, release = threading.Event(), threading.Event()
+  done = []
+
+  def slow(m):
+    started.set()
+    release.wait(10)
+    done.append(m)
+    return {}
+
+  bg = ev.BackgroundEvaluation(slow)
+  bg.submit("first")
+  bg.submit("second")
+  assert started.wait(10)
+  threading.Timer(0.2, release.set).start()
+  bg.cancel()  # the one in progress finishes, the rest is dropped
+  assert done == ["first"]
+
+
+def test_overlapped_evaluation_stops_with_an_interrupted_finetune(tmp_path, monkeypatch):
+  """A preempted fine-tune stops the study before the evaluate stage; rows already queued on the
+  background thread are finished or dropped, none is half-written."""
+  calls = []
+
+  class Evaluator:
+    def __init__(self, fn):
+      calls.append("start")
+
+    def submit(self, m):
+      calls.append(m)
+
+    def cancel(self):
+      calls.append("cancel")
+
+  monkeypatch.setattr(ev, "BackgroundEvaluation", Evaluator)
+  monkeypatch.setattr(study, "stage_finetune", lambda *a: {"preempted": True, "method": "x"})
+  monkeypatch.setattr(study, "_done", lambda stage, wd, c: stage != "finetune")
+  monkeypatch.setattr(pretrain, "load_base", lambda folder: None)
+  monkeypatch.setattr(study, "Generator", lambda config, sd: None)
+  (tmp_path / "base_pipeline").mkdir()
+  (tmp_path / "base_pipeline" / "model_index.json").write_text("{}")
+  config = shapeworld_ci.get_config()
+  config.methods = "base,negative_prompt,sc_dpo"
+  result = study.run(config, tmp_path)
+  assert result["preempted"] and "evaluate" not in result
+  assert calls == ["start", "base", "negative_prompt", "cancel"]
 
 
 def test_unknown_stage_and_method_are_rejected():

@@ -40,7 +40,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 import numpy as np
@@ -266,23 +266,52 @@ def stage_world_clip(config, workdir: Path) -> dict:
   return world_clip.train_world_clip(config.world_clip, workdir / "world_clip")
 
 
-def stage_finetune(config, workdir: Path, sd, methods: list[str]) -> dict:
-  """Every method's fine-tune in turn; stops at the first one interrupted (SIGTERM, Ctrl-C),
-  returning {"preempted": True, "method": it}."""
+def stage_finetune(config, workdir: Path, sd, methods: list[str],
+                   on_done: Callable[[str], None] | None = None) -> dict:
+  """Every method's fine-tune in turn, `on_done(method)` after each; stops at the first one
+  interrupted (SIGTERM, Ctrl-C), returning {"preempted": True, "method": it}."""
   out = {}
   for m in methods:
     out[m] = ft_lib.run_method(config, workdir, sd, m)
     if out[m].get("preempted"):
       return {"preempted": True, "method": m}
+    if on_done is not None:
+      on_done(m)
   return out
 
 
 def evaluate_method(config, gen: Generator, method: str, workdir: Path) -> dict:
-  """Generate and score every evaluation image of `method` (evaluation.py)."""
+  """Generate and score every evaluation image of `method` (evaluation.py); its metrics."""
   kind = methods_lib.get(method).kind
   params = ft_lib.unet_params(workdir, method) if kind not in ("base", "guard") else None
-  return ev.evaluate_method(config, gen, method, workdir, unet_params=params,
-                            guard=method if kind == "guard" else "none")
+  r = ev.evaluate_method(config, gen, method, workdir, unet_params=params,
+                         guard=method if kind == "guard" else "none")
+  metrics = {k: r[k] for k in ev.METRICS}
+  logging.info("shapeworld: evaluated %s in %.0fs: %s", method, r["generation_s"],
+               json.dumps(metrics))
+  return metrics
+
+
+def _not_evaluated(config, workdir: Path) -> list[str]:
+  return [m for m in selected_methods(config)
+          if not (ev.eval_dir(config, workdir) / f"{m}.json").is_file()]
+
+
+def _start_background_evaluation(config, workdir: Path, gen: Generator
+                                 ) -> tuple[ev.BackgroundEvaluation, Callable[[str], None]]:
+  """The evaluator of `config.evaluate.overlap`, with every row that needs no fine-tune queued,
+  and the fine-tune stage's `on_done`: queue the row just trained."""
+  pending = set(_not_evaluated(config, workdir))
+  evaluator = ev.BackgroundEvaluation(lambda m: evaluate_method(config, gen, m, workdir))
+  for m in selected_methods(config):
+    if m in pending and m not in methods_lib.FINETUNES:
+      evaluator.submit(m)
+
+  def on_done(method: str) -> None:
+    if method in pending:
+      evaluator.submit(method)
+
+  return evaluator, on_done
 
 
 def stage_report(config, workdir: Path) -> dict:
@@ -335,11 +364,14 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   selected_methods(config)  # unknown names fail before any work
   timings = _read_timings(workdir)
   sd, gen = None, None
+  evaluator = None  # config.evaluate.overlap: rows evaluated while the next ones train
   results: dict[str, Any] = {}
   t_all = time.time()
-  for stage in selected_stages(config):
+  stages = selected_stages(config)
+  for stage in stages:
     # The report is rebuilt whenever it is asked for (cheap); other stages resume.
-    if stage != "report" and _done(stage, workdir, config):
+    if stage != "report" and not (stage == "evaluate" and evaluator) and _done(
+        stage, workdir, config):
       logging.info("shapeworld: stage %s already done, skipping", stage)
       results[stage] = "skipped"
       continue
@@ -360,19 +392,26 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     elif stage == "pairs":
       results[stage] = stage_pairs(config, workdir)
     elif stage == "finetune":
-      results[stage] = stage_finetune(config, workdir, sd, _trained(config))
+      on_done = None
+      if "evaluate" in stages and bool(config.evaluate.get("overlap", False)):
+        evaluator, on_done = _start_background_evaluation(config, workdir, gen)
+      try:
+        results[stage] = stage_finetune(config, workdir, sd, _trained(config), on_done)
+      except BaseException:
+        if evaluator is not None:
+          evaluator.cancel()
+        raise
       if results[stage].get("preempted"):  # the command line exits 75: rerun to resume
+        if evaluator is not None:
+          evaluator.cancel()
         results["preempted"] = True
         return results
     elif stage == "evaluate":
-      todo = [m for m in selected_methods(config)
-              if not (ev.eval_dir(config, workdir) / f"{m}.json").is_file()]
-      results[stage] = {}
-      for m in todo:
-        r = evaluate_method(config, gen, m, workdir)
-        results[stage][m] = {k: r[k] for k in ev.METRICS}
-        logging.info("shapeworld: evaluated %s in %.0fs: %s", m, r["generation_s"],
-                     json.dumps(results[stage][m]))
+      # With overlap: wait for the rows evaluated during the fine-tunes; then any left.
+      results[stage] = evaluator.finish() if evaluator is not None else {}
+      evaluator = None
+      for m in _not_evaluated(config, workdir):
+        results[stage][m] = evaluate_method(config, gen, m, workdir)
     elif stage == "report":
       results[stage] = stage_report(config, workdir)["claims"]
     timings[stage] = timings.get(stage, 0.0) + time.time() - t0
