@@ -109,6 +109,9 @@ def get_config() -> ml_collections.ConfigDict:
   # XLA runs a UNet gradient inside a loop ~14x slower (measured: 88 s vs 6.3 s for 11 units of
   # the ShapeWorld UNet, one core), so CPU configs unroll every unit (longer compile, cached).
   config.train.scan_unroll = 1
+  # True: a micro-batch's timestep units as one batch (K times the memory of one unit; on
+  # XLA:CPU one UNet gradient in the program instead of K unrolled ones: seconds to compile)
+  config.train.fold_timesteps = False
 
   config.reward = ml_collections.ConfigDict()
   config.reward.terms = (("steering", 1.0),)  # (name, weight): steering | clip_score | cost

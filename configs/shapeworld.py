@@ -162,10 +162,11 @@ def get_config() -> ml_collections.ConfigDict:
   r1.model.dtype = "float32"
   r1.sample.update(dict(num_steps=12, guidance_scale=3.0, group_size=8, prompts_per_epoch=8,
                         batch_size=64))
-  # scan_unroll: the update's 11 timestep units unrolled (XLA:CPU, see the key's comment)
-  # 4 epochs (16 updates; the study's time budget: loading the unrolled update program alone
-  # takes about a minute on XLA:CPU, even from the persistent cache)
-  r1.train.update(dict(num_epochs=4, samples_per_step=16, grad_accum=1, scan_unroll=11))
+  # fold_timesteps: the update's 11 timestep units as one batch of 176 transitions (XLA:CPU:
+  # the unrolled program of 11 took about a minute to load, even from the persistent cache)
+  # 4 epochs (16 updates; the study's time budget)
+  r1.train.update(dict(num_epochs=4, samples_per_step=16, grad_accum=1, scan_unroll=1,
+                       fold_timesteps=True))
   r1.optimizer.update(dict(lr=3e-5))
   # [I] alpha 2: at the released 0.5 the world CLIP's steering reward prefers the unsafe render
   # of a harmful prompt (a safe render wins on 14 % of them; 76 % at 2), measured on the world

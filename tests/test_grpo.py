@@ -354,9 +354,10 @@ def test_job_exact_resume(tiny_train_base, tmp_path):
     assert math.isfinite(first[key]), key
 
 
-def test_unrolled_update_equals_the_scanned_one(tiny_unet):
-  """train.scan_unroll (the CPU setting: every (micro-batch, timestep) unit unrolled) computes
-  the same update as the loop: same new parameters and metrics."""
+def test_unrolled_and_folded_updates_equal_the_scanned_one(tiny_unet):
+  """train.scan_unroll (every (micro-batch, timestep) unit unrolled) and train.fold_timesteps
+  (a micro-batch's timestep units as one batch: the ShapeWorld setting) compute the same update
+  as the loop: same new parameters and metrics."""
   import optax
 
   from scdpo_jax.train.state import new_train_state
@@ -381,17 +382,24 @@ def test_unrolled_update_equals_the_scanned_one(tiny_unet):
            "states": states}
   optimizer = optax.sgd(1e-2)  # linear in the gradients (Adam amplifies float reordering)
   results = []
-  for unroll in (1, 2 * k):
+  # a loop, every unit unrolled, the timesteps folded into the batch (looped and unrolled over
+  # the 2 micro-batches), and one micro-batch folded (no loop at all)
+  for unroll, fold, accum in ((1, False, 2), (2 * k, False, 2), (1, True, 2), (2, True, 2),
+                              (1, True, 1)):
     step = update.make_update_step(policy_apply=apply, ref_apply=None, optimizer=optimizer,
                                    plan=plan, cfg=update.UpdateConfig(
-                                       clip_range=1e-2, guidance_scale=5.0, grad_accum=2,
-                                       scan_unroll=unroll))
+                                       clip_range=1e-2, guidance_scale=5.0, grad_accum=accum,
+                                       scan_unroll=unroll, fold_timesteps=fold))
     state = new_train_state(sd.unet_params, optimizer, lam=0.0, seed=0)
     results.append(jax.jit(step)(state, (), batch, uncond))
-  (s1, m1), (s2, m2) = results
+  s1, m1 = results[0]
   assert m1["grad_norm"] > 0
-  for key in m1:
-    np.testing.assert_allclose(m2[key], m1[key], rtol=1e-4, atol=1e-7, err_msg=key)
-  for a, c in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
-    np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-7)
+  for s2, m2 in results[1:]:
+    for key in m1:
+      # atol: the loss is a mean of O(1) terms that cancel (advantages sum to ~0), and the
+      # ratios exp(log p - log p_old) difference log-densities summed over every pixel, whose
+      # last bits change with the UNet's batch shape (folded: 4x the batch)
+      np.testing.assert_allclose(m2[key], m1[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    for a, c in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+      np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-7)
   assert not np.allclose(jax.tree.leaves(s1.params)[0], jax.tree.leaves(sd.unet_params)[0])

@@ -334,7 +334,9 @@ class Programs:
                                                guidance_scale=guidance_train,
                                                kl_coef=float(t.kl_coef),
                                                grad_accum=int(t.grad_accum),
-                                               scan_unroll=int(t.get("scan_unroll", 1))))
+                                               scan_unroll=int(t.get("scan_unroll", 1)),
+                                               fold_timesteps=bool(t.get("fold_timesteps",
+                                                                         False))))
     self.batch_shardings = {"latents": batch(5), "log_probs": batch(2), "advantages": batch(1),
                             "steps": batch(2), "states": batch(3)}
     self.update = jax.jit(parallel.with_logical_rules(step, mesh, rules),

@@ -16,8 +16,12 @@ The S x K terms are accumulated in a `lax.scan` over (micro-batch, timestep) uni
 (`grad_accum` micro-batches of S / grad_accum rows, rows i, i + grad_accum, ... as in
 `train.step`), so memory holds one UNet forward/backward of S / grad_accum samples (x2 with
 guidance); `scan_unroll` > 1 unrolls that loop (on XLA:CPU a gradient inside a loop runs about
-14x slower than unrolled). A step whose loss or gradients are not finite leaves the state unchanged and counts
-in `state.skipped` (as the DPO trainer's step does).
+14x slower than unrolled). `fold_timesteps` computes a micro-batch's K timestep units as one
+batch of S / grad_accum * K transitions instead (the same sum; memory K times one unit's): one
+UNet forward/backward in the program rather than K unrolled ones, which XLA:CPU compiles and
+loads from its cache in seconds instead of about a minute. A step whose loss or gradients are
+not finite leaves the state unchanged and counts in `state.skipped` (as the DPO trainer's step
+does).
 """
 
 from __future__ import annotations
@@ -48,15 +52,11 @@ class UpdateConfig:
   kl_coef: float = 0.0
   grad_accum: int = 1
   scan_unroll: int = 1  # units per scan iteration (CPU: all of them; see the configs)
+  fold_timesteps: bool = False  # a micro-batch's K timesteps as one batch (module docstring)
 
 
 def _tree_norm(tree) -> jax.Array:
   return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
-
-
-def _gather_step(a: jax.Array, idx: jax.Array) -> jax.Array:
-  """a (B, N, ...) indexed at idx (B,) along axis 1 -> (B, ...)."""
-  return a[jnp.arange(a.shape[0]), idx]
 
 
 def make_update_step(*, policy_apply: PolicyApply, ref_apply: RefApply | None, optimizer,
@@ -76,13 +76,14 @@ def make_update_step(*, policy_apply: PolicyApply, ref_apply: RefApply | None, o
         lambda x: jnp.moveaxis(x.reshape((s // accum, accum) + x.shape[1:]), 1, 0), batch)
     apply = lambda p, x, t, c: policy_apply(p, ref_params, x, t, c)
 
-    def unit_terms(params, mb, j):
-      idx = mb["steps"][:, j]
-      x, x_next = _gather_step(mb["latents"], idx), _gather_step(mb["latents"], idx + 1)
-      old = _gather_step(mb["log_probs"], idx)
+    def unit_terms(params, mb, rows, idx):
+      """The terms of transitions idx[i] of trajectories rows[i] of micro-batch `mb`."""
+      x, x_next = mb["latents"][rows, idx], mb["latents"][rows, idx + 1]
+      old = mb["log_probs"][rows, idx]
       log_p, mean, std = rollout.transition_log_prob(apply, params, plan, x, x_next, idx,
-                                                     mb["states"], uncond, cfg.guidance_scale)
-      loss, info = losses.ppo_clip_loss(log_p, old, mb["advantages"], cfg.clip_range)
+                                                     mb["states"][rows], uncond,
+                                                     cfg.guidance_scale)
+      loss, info = losses.ppo_clip_loss(log_p, old, mb["advantages"][rows], cfg.clip_range)
       sums = {"ppo_loss": jnp.sum(jax.lax.stop_gradient(loss)),
               "clipfrac": jnp.sum(info["clipped"]), "approx_kl": jnp.sum(info["approx_kl"]),
               "ratio_mean": jnp.sum(info["ratio"]),
@@ -97,11 +98,17 @@ def make_update_step(*, policy_apply: PolicyApply, ref_apply: RefApply | None, o
 
     grad_fn = jax.grad(unit_terms, has_aux=True)
 
+    rows_mb = jnp.arange(s // accum, dtype=jnp.int32)
+
     def body(carry, unit):
       grads_acc, sums_acc = carry
       a, j = unit
       mb = jax.tree.map(lambda v: v[a], micro)
-      grads, sums = grad_fn(state.params, mb, j)
+      if cfg.fold_timesteps:  # every timestep unit of the micro-batch at once
+        rows, idx = jnp.tile(rows_mb, k), mb["steps"].T.reshape(-1)
+      else:
+        rows, idx = rows_mb, mb["steps"][:, j]
+      grads, sums = grad_fn(state.params, mb, rows, idx)
       new_sums = {key: (jnp.maximum(sums_acc[key], v) if key == "ratio_dev_max"
                         else sums_acc[key] + v) for key, v in sums.items()}
       return (jax.tree.map(jnp.add, grads_acc, grads), new_sums), None
@@ -110,9 +117,13 @@ def make_update_step(*, policy_apply: PolicyApply, ref_apply: RefApply | None, o
     keys += ["kl"] if cfg.kl_coef > 0 else []
     init = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
             {key: jnp.zeros((), jnp.float32) for key in keys})
-    units = (jnp.repeat(jnp.arange(accum, dtype=jnp.int32), k),
-             jnp.tile(jnp.arange(k, dtype=jnp.int32), accum))
-    unroll = max(1, min(cfg.scan_unroll, accum * k))
+    if cfg.fold_timesteps:  # one unit per micro-batch (j unused)
+      units = (jnp.arange(accum, dtype=jnp.int32), jnp.zeros((accum,), jnp.int32))
+    else:
+      units = (jnp.repeat(jnp.arange(accum, dtype=jnp.int32), k),
+               jnp.tile(jnp.arange(k, dtype=jnp.int32), accum))
+    # 0 = every unit unrolled, no loop (a scan of length 1 with unroll 1 is still a while loop)
+    unroll = 0 if cfg.scan_unroll >= len(units[0]) else max(1, cfg.scan_unroll)
     (grads, sums), _ = jax.lax.scan(body, init, units, unroll=unroll)
 
     count = jnp.asarray(s * k, jnp.float32)
