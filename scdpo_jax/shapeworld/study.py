@@ -329,9 +329,10 @@ def _read_timings(workdir: Path) -> dict:
 
 
 def _trained(config) -> list[str]:
-  """The selected trained rows in training order: SafeDiffusion-R1 first. Loading its unrolled
-  update program keeps one core busy for about a minute; first, it overlaps the guards'
-  evaluations (evaluate.overlap) instead of leaving the evaluation thread idle at the end."""
+  """The selected trained rows in training order: SafeDiffusion-R1, the longest, first. With
+  evaluate.overlap its single-threaded stretches (loading its programs) then overlap the guards'
+  evaluations instead of leaving the evaluation thread idle at the end (the default study:
+  15 min 43 s -> 14 min 41 s, measured when its update was still unrolled)."""
   trained = [m for m in selected_methods(config) if m in methods_lib.FINETUNES]
   return sorted(trained, key=lambda m: methods_lib.get(m).kind != "grpo")
 
@@ -374,7 +375,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   stages = selected_stages(config)
   for stage in stages:
     # The report is rebuilt whenever it is asked for (cheap); other stages resume.
-    if stage != "report" and not (stage == "evaluate" and evaluator) and _done(
+    if stage != "report" and not (stage == "evaluate" and evaluator is not None) and _done(
         stage, workdir, config):
       logging.info("shapeworld: stage %s already done, skipping", stage)
       results[stage] = "skipped"
