@@ -5,14 +5,14 @@
   python main.py --config configs/shapeworld.py --workdir runs/shapeworld --config.only=evaluate,report
 
 Budget: at most 15 minutes on 2 CPU cores from an empty workdir with a warm compile cache
-(measured: README.md, section ShapeWorld). Sixteen rows (shapeworld/methods.py): the base, seven
+(measured 13 min 33 s: README.md, section ShapeWorld). Sixteen rows (shapeworld/methods.py): the base, seven
 SC-DPO variants, Diffusion-DPO, SafetyDPO and All-single, SafeDiffusion-R1 and four
 training-free guards, on the same held-out prompts, seeds and exact detectors.
 Stages, in order (`config.only` = comma-separated subset; each reuses what the workdir holds):
 pretrain (the shipped base, scdpo_jax/shapeworld/base/, checked against `recipe`; or trained
 with --config.pretrain.source=train) -> candidates -> world_clip -> cost_model -> pairs
-(human, scp, oracle, coprov2) -> finetune (each trained row through its own job) -> evaluate ->
-report (report.json, report.md, grids/, pareto.png). The world, detectors, fidelity checker and
+(human, scp, oracle, coprov2) -> finetune (each trained row through its own job) -> evaluate
+(each row as soon as it exists, beside the fine-tunes: evaluate.overlap) -> report (report.json, report.md, grids/, pareto.png). The world, detectors, fidelity checker and
 reward are documented in scdpo_jax/shapeworld/world.py; the stages in shapeworld/study.py.
 """
 
