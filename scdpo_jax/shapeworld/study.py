@@ -343,18 +343,18 @@ def _needs_world_clip(config) -> bool:
 
 
 def _done(stage: str, workdir: Path, config) -> bool:
-  split = ev.eval_split(config)
   if stage == "finetune":
     return all(ft_lib.done(workdir, m) for m in _trained(config))
   if stage == "world_clip" and not _needs_world_clip(config):
     return True
+  if stage == "evaluate":
+    return not _not_evaluated(config, workdir)
   paths = {"pretrain": ["base_pipeline/model_index.json", "base_pipeline/pretrain.json"],
            "candidates": ["candidates/candidates.json", "candidates/images.npy"],
            "cost_model": ["cost_model/cost_model_eval.json"],
            "world_clip": ["world_clip/world_clip.json"],
            "pairs": ["pairs/pairs_report.json"] + [f"pairs/{k}.npz" for k in
                                                    methods_lib.PAIR_KINDS],
-           "evaluate": [f"eval/{split}/{m}.json" for m in selected_methods(config)],
            "report": [f"report{ev.report_suffix(config)}.json"]}[stage]
   return all((workdir / p).exists() for p in paths)
 
