@@ -48,8 +48,8 @@ class Method:
   safetydpo: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.safetydpo
 
 
-_SC_DPO = ("SCP pairs, cost margin, Dynamic Focusing, winner likelihood term (the shipped "
-           "configuration)")
+_SC_DPO = ("SCP pairs, cost margin with lam by dual ascent (variant C), Dynamic Focusing, "
+           "winner likelihood term (the shipped configuration)")
 # Diffusion-DPO's own lr, chosen on the validation split (README "Tuning"; at 50 steps score
 # 0.040 vs -0.045 at 3e-4, at 100 steps 0.020 vs -0.118); the SC-DPO rows take
 # config.finetune.optimizer's
@@ -70,11 +70,9 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            "SC-DPO with the exact detectors as the cost (pairs and margin)", pairs="oracle"),
     Method("sc_dpo_relabel", "dpo", "SC-DPO variant A: human pairs relabelled by r - lam C "
            "on the fly, no margin", pairs="human", train=dict(safety_mode="relabel")),
-    # [I] budget 0.1 on the expected cost under the implicit ranking (losses.policy_cost; costs
-    # are harm probabilities), step 1.0 per optimizer step, lam starting at config's lam
-    Method("sc_dpo_dual", "dpo", "SC-DPO variant C: the margin's lam by dual ascent on the "
-           "expected cost (budget 0.1)", pairs="scp",
-           train=dict(safety_mode="dual", cost_budget=0.1, dual_lr=1.0)),
+    # the shipped form of the fourth grid (README "Tuning"): lam fixed, no dual ascent
+    Method("sc_dpo_margin", "dpo", "SC-DPO variant B: the cost margin with lam fixed at 1 "
+           "(no dual ascent)", pairs="scp", train=dict(safety_mode="margin")),
     Method("sc_dpo_sdpo", "dpo", "SC-DPO + the Diffusion-SDPO winner-preserving safeguard "
            "(mu 0.9, its SD1.5 value)", pairs="scp", train=dict(sdpo_mu=0.9)),
     Method("safetydpo", "safetydpo", "SafetyDPO: one LoRA expert per category (Diffusion-DPO "
