@@ -25,6 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.job = "shapeworld"
   config.seed = 0  # the study's seed; the stage configs' seeds follow it (references)
+  # The fine-tunes' seed (noise, timesteps, pair order, R1's rollouts): follows config.seed
+  # unless set, e.g. --config.training_seed=1 retrains every row on the same data (the candidates,
+  # cost model, pairs and world CLIP keep config.seed). "+ 0" makes it a reference of its own:
+  # setting it leaves config.seed alone (setting a plain get_ref would change both).
+  config.training_seed = config.get_ref("seed") + 0
   config.only = ""  # "" = every stage; else e.g. "evaluate,report"
   config.methods = ""  # "" = every method (study.METHODS); else e.g. "base,sc_dpo"
 
@@ -112,8 +117,8 @@ def get_config() -> ml_collections.ConfigDict:
   # data.name = <workdir>/pairs/<kind>_dataset) and the row's overrides (shapeworld/methods.py):
   # sc_dpo is this config as it stands on the SCP pairs; each ablation changes one thing.
   ft = default.get_config()
-  ft.seed = config.get_ref("seed")
-  ft.data.seed = config.get_ref("seed")
+  ft.seed = config.get_ref("training_seed")
+  ft.data.seed = config.get_ref("training_seed")
   ft.data.hflip = True
   # Tuned on the validation split (scripts/shapeworld_tune.py; README "Tuning"): margin form
   # "offset" (of bonus/offset x logit/preference x gamma 0/1, then lr x beta); then, with the
@@ -143,8 +148,8 @@ def get_config() -> ml_collections.ConfigDict:
   # (per_category for `safetydpo`, all_single for `all_single`).
   sdpo = safetydpo_tiny.get_config()
   expert = default.get_config()
-  expert.seed = config.get_ref("seed")
-  expert.data.seed = config.get_ref("seed")
+  expert.seed = config.get_ref("training_seed")
+  expert.data.seed = config.get_ref("training_seed")
   expert.train.update(dict(loss_type="dpo", beta=2000.0, safety_mode="none", gamma=0.0,
                            caption_dropout=0.0, pairs_per_step=16, grad_accum=1, num_steps=40))
   expert.lora.update(dict(enabled=True, rank=4, alpha=4.0, init="gaussian",
@@ -155,7 +160,7 @@ def get_config() -> ml_collections.ConfigDict:
   sdpo.expert = expert
   sdpo.safetydpo.categories = ()  # every category of the pair data
   sdpo.merge.update(dict(calibration_pairs_per_category=8, calibration_batch=32))
-  sdpo.merge.seed = config.get_ref("seed")
+  sdpo.merge.seed = config.get_ref("training_seed")
   config.safetydpo = sdpo
 
   # The `safediffusion_r1` job (configs/safediffusion_r1_sd15.py keys) on the world: the
@@ -164,7 +169,7 @@ def get_config() -> ml_collections.ConfigDict:
   # world's language ([I]: plain unsafe phrases, never a held-out rephrasing). The study adds
   # the base model, the harmful pair prompts and the CLIP folder.
   r1 = safediffusion_r1_sd15.get_config()
-  r1.seed = config.get_ref("seed")
+  r1.seed = config.get_ref("training_seed")
   r1.model.dtype = "float32"
   r1.sample.update(dict(num_steps=12, guidance_scale=3.0, group_size=8, prompts_per_epoch=8,
                         batch_size=64))

@@ -187,6 +187,62 @@ def test_a_subset_of_methods_on_the_validation_split_keeps_the_test_report(finis
     study.selected_methods(sub)
 
 
+def test_a_rerun_with_another_config_is_refused_before_any_work(finished):
+  """A finished output is reused only for the config it was made from (shapeworld/inputs.py):
+  a changed key that an output read stops the rerun with the file and the key; keys it did not
+  read keep it."""
+  from scdpo_jax.errors import ConfigError
+  from scdpo_jax.shapeworld import inputs
+
+  config, workdir, _ = finished
+  def outputs():  # every file but the workdir lock, which each run takes
+    return {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file() and
+            p.name != ".lock"}
+
+  stamp = outputs()
+
+  def refused(change, where, key):
+    changed = shapeworld_ci.get_config()  # unresolved: training_seed reaches the jobs' seeds
+    change(changed)
+    with pytest.raises(ConfigError, match=key) as e:
+      jobs.run(changed, str(workdir))
+    assert where in str(e.value), str(e.value)
+
+  refused(lambda c: setattr(c.sampling, "guidance_scale", 5.0), "candidates/inputs.json",
+          "sampling.guidance_scale: 3.0 then, 5.0 now")
+  refused(lambda c: setattr(c.pairs, "lam", 2.0), "pairs/inputs.json", "pairs.lam")
+  refused(lambda c: setattr(c.finetune.optimizer, "lr", 1e-3),
+          "finetune/sc_dpo/study_inputs.json", "job.optimizer.lr")
+  refused(lambda c: setattr(c.finetune.train, "gamma", 2.0),
+          "finetune/sc_dpo/study_inputs.json", "job.train.gamma")
+  # another training seed: every fine-tune (the first checked is the first selected)
+  refused(lambda c: setattr(c, "training_seed", 1),
+          "finetune/diffusion_dpo/study_inputs.json", "job.seed")
+  refused(lambda c: setattr(c.sampling, "negative_prompt", "ring"),
+          "eval/test/negative_prompt.inputs.json", "sampling.negative_prompt")
+  refused(lambda c: setattr(c.evaluate, "seeds", (0, 1, 2)), "eval/test/base.inputs.json",
+          "evaluate.seeds")
+  assert outputs() == stamp
+
+  # what an output did not read keeps it: the guards' prompt for the trained rows, the overlap,
+  # the grids, the subset of methods
+  same = shapeworld_ci.get_config()
+  same.sampling.negative_prompt, same.evaluate.overlap = "ring", False
+  same.evaluate.grid_clean_prompts = 1
+  same.methods, same.only = "base,sc_dpo", "candidates,cost_model,pairs,finetune,evaluate"
+  again = jobs.run(same, str(workdir))
+  assert all(again[s] == "skipped" for s in ("candidates", "cost_model", "pairs", "finetune",
+                                             "evaluate"))
+  # an output made before records existed is reused unchecked (with a warning)
+  record = inputs.record_path(workdir, "pairs")
+  saved = record.read_bytes()
+  record.unlink()
+  try:
+    inputs.check(same, workdir, "pairs")
+  finally:
+    record.write_bytes(saved)
+
+
 def test_claims_and_pareto_dominance():
   row = lambda h, a, f: {"unsafe_rate_harmful": h, "unsafe_rate_adversarial": a,  # noqa: E731
                          "fidelity_clean": f}

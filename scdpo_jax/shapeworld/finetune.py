@@ -141,6 +141,7 @@ def run_method(config, workdir: Path, sd, method: str) -> dict:
   """Train `method` (a dpo, safetydpo or grpo method) unless its export exists; its summary,
   or {"preempted": True} when its job was interrupted (then it is not marked done)."""
   from scdpo_jax.files import write_json
+  from scdpo_jax.shapeworld import inputs
 
   m = methods_lib.get(method)
   wd = method_dir(workdir, method)
@@ -177,6 +178,7 @@ def run_method(config, workdir: Path, sd, method: str) -> dict:
     logging.warning("shapeworld: finetune %s interrupted; rerun to resume it", method)
     return {"preempted": True}
   summary["seconds"] = time.time() - t0
+  inputs.write(config, workdir, "finetune", method)  # what it was made from, before "done"
   write_json(wd / "done.json", summary)
   logging.info("shapeworld: finetune %s took %.0fs", method, summary["seconds"])
   return summary

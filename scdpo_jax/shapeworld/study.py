@@ -51,7 +51,7 @@ from scdpo_jax.data.images import encode_png, to_model_range
 from scdpo_jax.shapeworld import evaluation as ev
 from scdpo_jax.shapeworld import finetune as ft_lib
 from scdpo_jax.shapeworld import methods as methods_lib
-from scdpo_jax.shapeworld import pretrain, report as report_lib, world
+from scdpo_jax.shapeworld import inputs, pretrain, report as report_lib, world
 from scdpo_jax.shapeworld.generation import Generator
 
 STAGES = ("pretrain", "candidates", "world_clip", "cost_model", "pairs", "finetune", "evaluate",
@@ -284,6 +284,7 @@ def evaluate_method(config, gen: Generator, method: str, workdir: Path) -> dict:
   """Generate and score every evaluation image of `method` (evaluation.py); its metrics."""
   kind = methods_lib.get(method).kind
   params = ft_lib.unet_params(workdir, method) if kind not in ("base", "guard") else None
+  inputs.write(config, workdir, "evaluate", method, ev.eval_split(config))
   r = ev.evaluate_method(config, gen, method, workdir, unet_params=params,
                          guard=method if kind == "guard" else "none")
   metrics = {k: r[k] for k in ev.METRICS}
@@ -359,6 +360,25 @@ def _done(stage: str, workdir: Path, config) -> bool:
   return all((workdir / p).exists() for p in paths)
 
 
+SHARED_STAGES = ("candidates", "world_clip", "cost_model", "pairs")
+
+
+def check_reuse(config, workdir: Path) -> None:
+  """Before any work: every existing output this run could reuse (a shared stage, a selected
+  method's fine-tune or evaluation) was made from this config (inputs.py), else ConfigError."""
+  for stage in SHARED_STAGES:
+    if stage == "world_clip" and not _needs_world_clip(config):
+      continue
+    if _done(stage, workdir, config):
+      inputs.check(config, workdir, stage)
+  split = ev.eval_split(config)
+  for m in selected_methods(config):
+    if m in methods_lib.FINETUNES and ft_lib.done(workdir, m):
+      inputs.check(config, workdir, "finetune", m)
+    if (ev.eval_dir(config, workdir) / f"{m}.json").is_file():
+      inputs.check(config, workdir, "evaluate", m, split)
+
+
 def selected_stages(config) -> list[str]:
   return _subset(config.only, STAGES, "config.only", "stages")
 
@@ -373,6 +393,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   results: dict[str, Any] = {}
   t_all = time.time()
   stages = selected_stages(config)
+  check_reuse(config, workdir)
   for stage in stages:
     # The report is rebuilt whenever it is asked for (cheap); other stages resume.
     if stage != "report" and not (stage == "evaluate" and evaluator is not None) and _done(
@@ -419,6 +440,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         results[stage][m] = evaluate_method(config, gen, m, workdir)
     elif stage == "report":
       results[stage] = stage_report(config, workdir)["claims"]
+    if stage in SHARED_STAGES and _done(stage, workdir, config):  # what it was made from
+      inputs.write(config, workdir, stage)
     timings[stage] = timings.get(stage, 0.0) + time.time() - t0
     files.write_json(workdir / "timings.json", timings)
     logging.info("shapeworld: stage %s done in %.0fs: %s", stage, time.time() - t0,
