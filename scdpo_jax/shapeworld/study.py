@@ -1,7 +1,8 @@
 """The `shapeworld` job: the comparative safety study in the embedded synthetic world.
 
 Stages (config.only selects a comma-separated subset; each skips itself when its outputs exist
-in the workdir, so a rerun resumes where the last one stopped):
+in the workdir, so a rerun resumes where the last one stopped; outputs made from another config
+stop the rerun before any work: inputs.py):
 
   pretrain    the base model -> base_pipeline/ (diffusers folder without a VAE): the shipped
               base (scdpo_jax/shapeworld/base/, made by this stage's own training with the
