@@ -25,43 +25,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SHARED = ("base_pipeline", "candidates", "world_clip", "cost_model", "cost_model_data", "pairs")
-
-
-def _parse(value: str):
-  if value.startswith("["):  # a JSON list, e.g. evaluate.seeds=[0,1,2,3,4,5] (--set only)
-    return tuple(json.loads(value))
-  for cast in (int, float):
-    try:
-      return cast(value)
-    except ValueError:
-      pass
-  return {"true": True, "false": False}.get(value.lower(), value)
-
-
-def _set(config, key: str, value) -> None:
-  *path, last = key.split(".")
-  node = config
-  for p in path:
-    node = node[p]
-  if last not in node:
-    raise KeyError(f"unknown config key {key}")
-  node[last] = value
-
-
-def _check_not_overridden(method: str, keys) -> None:
-  """A key that the method's row overrides (shapeworld/methods.py) would be silently replaced."""
-  from scdpo_jax.shapeworld import methods
-
-  m = methods.get(method)
-  owned = {f"finetune.train.{k}" for k in m.train} | {
-      f"finetune.optimizer.{k}" for k in m.optimizer}
-  clash = sorted(set(keys) & owned)
-  if clash:
-    raise SystemExit(f"{', '.join(clash)}: the {method} row sets these itself (methods.py), so "
-                     f"the value given here would not be used; change the row instead")
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True, type=Path)
@@ -77,24 +40,25 @@ def main(argv=None) -> int:
 
   from configs import shapeworld
   from scdpo_jax import cli, files
-  from scdpo_jax.shapeworld import report as report_lib, study
+  from scdpo_jax.shapeworld import report as report_lib, study, variants
 
   logging.set_verbosity(logging.INFO)
   cli.enable_compilation_cache()  # as main.py: each variant's programs are the same
-  fixed = [(k, _parse(v)) for k, v in (s.split("=", 1) for s in args.set)]
-  grid = [(k, [_parse(x) for x in v.split(",")]) for k, v in (g.split("=", 1) for g in args.grid)]
-  _check_not_overridden(args.method, [k for k, _ in fixed + grid])
+  fixed = variants.parse_assignments(args.set)
+  grid = [(k, [variants.parse_value(x) for x in v.split(",")])
+          for k, v in (g.split("=", 1) for g in args.grid)]
+  variants.check_not_overridden(args.method, [k for k, _ in fixed + grid])
 
   def config_for(values):
     config = shapeworld.get_config()
     for k, v in fixed + list(values):
-      _set(config, k, v)
+      variants.set_key(config, k, v)
     config.evaluate.split = "validation"
     return config
 
   shared = args.workdir / "shared"
   base_cfg = config_for([])
-  base_cfg.only, base_cfg.methods = "pretrain,candidates,world_clip,cost_model,pairs,evaluate", "base"
+  base_cfg.only, base_cfg.methods = variants.SHARED_STAGES + ",evaluate", "base"
   study.run(base_cfg, shared)
   rows = {"base": json.loads((shared / "eval/validation/base.json").read_text())}
   previous = args.workdir / "tune.json"
@@ -103,10 +67,7 @@ def main(argv=None) -> int:
   for combo in itertools.product(*[[(k, v) for v in vs] for k, vs in grid]):
     name = "_".join(f"{k.split('.')[-1]}={v}" for k, v in combo) or "default"
     wd = args.workdir / "variants" / name
-    wd.mkdir(parents=True, exist_ok=True)
-    for part in SHARED:
-      if not (wd / part).exists():
-        (wd / part).symlink_to((shared / part).resolve())
+    variants.link_shared(shared, wd)
     config = config_for(combo)
     config.only, config.methods = "finetune,evaluate", args.method
     study.run(config, wd)

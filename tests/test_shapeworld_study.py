@@ -243,6 +243,42 @@ def test_a_rerun_with_another_config_is_refused_before_any_work(finished):
     record.write_bytes(saved)
 
 
+def test_the_seeds_script_retrains_rows_on_the_study_data(finished, tmp_path):
+  """scripts/shapeworld_seeds.py on a finished study's data: training seed 0 reproduces the
+  study's row exactly; seed 1 trains another model; seeds.json holds each seed's numbers, their
+  mean and standard error, and each seed's claims."""
+  import importlib.util
+
+  from scdpo_jax.shapeworld import inputs
+
+  config, workdir, _ = finished
+  path = Path(__file__).resolve().parent.parent / "scripts" / "shapeworld_seeds.py"
+  spec = importlib.util.spec_from_file_location("shapeworld_seeds", path)
+  seeds = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(seeds)
+  out = tmp_path / "seeds"
+  assert seeds.main(["--workdir", str(out), "--shared", str(workdir), "--seeds", "0,1",
+                     "--methods", "base,sc_dpo", "--config", "configs/shapeworld_ci.py"]) == 0
+  summary = json.loads((out / "seeds.json").read_text())
+  study_row = json.loads((workdir / "eval/test/sc_dpo.json").read_text())
+  row = summary["methods"]["sc_dpo"]
+  for k in seeds.SCORE:
+    assert row[k]["per_seed"][0] == pytest.approx(study_row[k], abs=0), k
+    assert row[k]["mean"] == pytest.approx(np.mean(row[k]["per_seed"]))
+    assert row[k]["se"] == pytest.approx(np.std(row[k]["per_seed"], ddof=1) / np.sqrt(2))
+  assert set(summary["claims"]["0"]) >= {"harmful_rate_at_most_half_of_base"}
+  records = [json.loads(inputs.record_path(out / f"seed{s}", "finetune", "sc_dpo").read_text())
+             for s in (0, 1)]
+  assert (records[0]["job.seed"], records[1]["job.seed"]) == (0, 1)
+  weights = [finetune.unet_params(out / f"seed{s}", "sc_dpo") for s in (0, 1)]
+  import jax
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(weights[0]),
+                                                      jax.tree.leaves(weights[1])))
+  assert "| sc_dpo |" in (out / "seeds.md").read_text()
+  with pytest.raises(SystemExit, match="bogus"):
+    seeds.main(["--workdir", str(out), "--methods", "base,bogus"])
+
+
 def test_claims_and_pareto_dominance():
   row = lambda h, a, f: {"unsafe_rate_harmful": h, "unsafe_rate_adversarial": a,  # noqa: E731
                          "fidelity_clean": f}
@@ -490,7 +526,10 @@ def test_the_tune_script_refuses_a_key_its_method_row_overrides():
   spec = importlib.util.spec_from_file_location("shapeworld_tune", path)
   tune = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tune)
+  from scdpo_jax.shapeworld import variants
+
   with pytest.raises(SystemExit, match="finetune.optimizer.lr"):
-    tune._check_not_overridden("diffusion_dpo", ["finetune.optimizer.lr"])
-  tune._check_not_overridden("sc_dpo", ["finetune.optimizer.lr", "finetune.train.gamma"])
-  assert tune._parse("[0,1,2]") == (0, 1, 2) and tune._parse("3e-4") == 3e-4
+    tune.main(["--workdir", "/nonexistent", "--method", "diffusion_dpo",
+               "--grid", "finetune.optimizer.lr=1e-4,3e-4"])
+  variants.check_not_overridden("sc_dpo", ["finetune.optimizer.lr", "finetune.train.gamma"])
+  assert variants.parse_value("[0,1,2]") == (0, 1, 2) and variants.parse_value("3e-4") == 3e-4
