@@ -104,7 +104,12 @@ def test_sld_momentum_from_step_0_dpm_negative_prompt_matches_diffusers(tiny):
   sld = guards.SLDConfig(guidance_scale=5000.0, warmup_steps=0.0, threshold=0.0,
                          momentum_scale=0.5, mom_beta=0.7)
   err = _compare(tiny, "dpmsolver++", 5, sld, NEGATIVES)
-  assert err.max() <= 1e-5, err.max()  # measured 9.4e-6
+  # s_S 5000 multiplies fp32 rounding differences of the noise estimates (min(s_S |d|, 1) sits
+  # at its cap or its slope 5000 near d = 0): measured max 9.4e-6 on one machine and 3.8e-5 on
+  # another (an AMD EPYC; there max 5.4e-6 at s_S 2, 2.2e-5 at 50, 6.5e-5 at 500), the median
+  # 5e-7 at every scale. A wrong rule moves the median, so both are checked.
+  assert np.median(err) <= 2e-6, np.median(err)
+  assert err.max() <= 1e-4, err.max()
 
 
 def test_sld_max_preset_agrees_up_to_threshold_flips(tiny):
