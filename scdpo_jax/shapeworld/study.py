@@ -361,13 +361,15 @@ def _done(stage: str, workdir: Path, config) -> bool:
   return all((workdir / p).exists() for p in paths)
 
 
-SHARED_STAGES = ("candidates", "world_clip", "cost_model", "pairs")
+# the data stages that record the config they were made from (inputs.py); with the pretrain
+# stage, what variants.py shares between runs
+RECORDED_STAGES = ("candidates", "world_clip", "cost_model", "pairs")
 
 
 def check_reuse(config, workdir: Path) -> None:
   """Before any work: every existing output this run could reuse (a shared stage, a selected
   method's fine-tune or evaluation) was made from this config (inputs.py), else ConfigError."""
-  for stage in SHARED_STAGES:
+  for stage in RECORDED_STAGES:
     if stage == "world_clip" and not _needs_world_clip(config):
       continue
     if _done(stage, workdir, config):
@@ -441,7 +443,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         results[stage][m] = evaluate_method(config, gen, m, workdir)
     elif stage == "report":
       results[stage] = stage_report(config, workdir)["claims"]
-    if stage in SHARED_STAGES and _done(stage, workdir, config):  # what it was made from
+    if stage in RECORDED_STAGES and _done(stage, workdir, config):  # what it was made from
       inputs.write(config, workdir, stage)
     timings[stage] = timings.get(stage, 0.0) + time.time() - t0
     files.write_json(workdir / "timings.json", timings)

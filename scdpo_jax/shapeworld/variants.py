@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from scdpo_jax.shapeworld import methods
+from scdpo_jax.shapeworld import methods, study
 
 SHARED = ("base_pipeline", "candidates", "world_clip", "cost_model", "cost_model_data", "pairs")
-SHARED_STAGES = "pretrain,candidates,world_clip,cost_model,pairs"
+SHARED_STAGES = ",".join(("pretrain",) + study.RECORDED_STAGES)  # a config.only value
 
 
 def parse_value(value: str):
