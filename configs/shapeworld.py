@@ -13,8 +13,10 @@ Stages, in order (`config.only` = comma-separated subset; each reuses what the w
 pretrain (the shipped base, scdpo_jax/shapeworld/base/, checked against `recipe`; or trained
 with --config.pretrain.source=train) -> candidates -> world_clip -> cost_model -> pairs
 (human, scp, oracle, coprov2) -> finetune (each trained row through its own job) -> evaluate
-(each row as soon as it exists, beside the fine-tunes: evaluate.overlap) -> report (report.json, report.md, grids/, pareto.png). The world, detectors, fidelity checker and
-reward are documented in scdpo_jax/shapeworld/world.py; the stages in shapeworld/study.py.
+-> report (report.json, report.md, grids/, pareto.png); all but pretrain and report run as
+tasks, `workers` at once, each after what it needs (shapeworld/tasks.py). The world, detectors,
+fidelity checker and reward are documented in scdpo_jax/shapeworld/world.py; the stages in
+shapeworld/study.py.
 """
 
 import ml_collections
@@ -220,9 +222,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Fixed before any tuning: the held-out test split, seeds 0-2, 1 image per prompt and seed.
   # Tuning runs use --config.evaluate.split=validation (their report is report_validation.*).
-  # overlap: evaluate each row on a second thread while the next ones train (the same images;
-  # evaluation.BackgroundEvaluation), since XLA:CPU leaves part of 2 cores idle
   config.evaluate = ml_collections.ConfigDict(dict(split="test", seeds=(0, 1, 2),
-                                                   images_per_prompt=1, grid_clean_prompts=2,
-                                                   overlap=True))
+                                                   images_per_prompt=1, grid_clean_prompts=2))
+  # Tasks run at once (shapeworld/tasks.py: data stages, each row's fine-tune and evaluation,
+  # each after what it needs), since one XLA:CPU program keeps about 1.35 of 2 cores busy; the
+  # same programs on the same inputs either way. 1 = one after another.
+  config.workers = 2
   return config

@@ -5,8 +5,10 @@ so no number is checked against a target (the README's table is the full study's
 
 import json
 import math
+import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -153,14 +155,14 @@ def test_rerun_skips_finished_stages_and_one_stage_runs_alone(finished):
   for stage in study.STAGES[:-1]:
     assert again[stage] == "skipped", stage
   assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
-  # evaluated alone, a row gives what it gave on the background thread during the fine-tunes
+  # evaluated alone (one worker), a row gives what it gave beside the other tasks
   for name in ("negative_prompt", "sc_dpo"):
     path = workdir / "eval" / "test" / f"{name}.json"
     during = json.loads(path.read_text())
     images = np.load(workdir / "eval" / "test" / f"{name}_images.npy")
     path.unlink()
     only = config.copy_and_resolve_references()
-    only.only = "evaluate"
+    only.only, only.workers = "evaluate", 1
     result = jobs.run(only, str(workdir))
     assert set(result["evaluate"]) == {name}
     assert "report" not in result and "pretrain" not in result
@@ -168,6 +170,20 @@ def test_rerun_skips_finished_stages_and_one_stage_runs_alone(finished):
     assert {k: alone[k] for k in ev.METRICS} == {k: during[k] for k in ev.METRICS}, name
     np.testing.assert_array_equal(np.load(workdir / "eval" / "test" / f"{name}_images.npy"),
                                   images)
+  # trained alone (one worker), a row is what it was when trained beside the others
+  beside = finetune.unet_params(workdir, "sc_dpo")
+  moved = workdir / "finetune" / "sc_dpo_beside"
+  finetune.method_dir(workdir, "sc_dpo").rename(moved)
+  try:
+    only = config.copy_and_resolve_references()
+    only.only, only.methods, only.workers = "finetune", "sc_dpo", 1
+    assert set(jobs.run(only, str(workdir))["finetune"]) == {"sc_dpo"}
+    alone = finetune.unet_params(workdir, "sc_dpo")
+    for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(beside)):
+      np.testing.assert_array_equal(a, b)
+  finally:
+    shutil.rmtree(finetune.method_dir(workdir, "sc_dpo"), ignore_errors=True)
+    moved.rename(finetune.method_dir(workdir, "sc_dpo"))
 
 
 def test_a_subset_of_methods_on_the_validation_split_keeps_the_test_report(finished):
@@ -224,10 +240,10 @@ def test_a_rerun_with_another_config_is_refused_before_any_work(finished):
           "evaluate.seeds")
   assert outputs() == stamp
 
-  # what an output did not read keeps it: the guards' prompt for the trained rows, the overlap,
+  # what an output did not read keeps it: the guards' prompt for the trained rows, the workers,
   # the grids, the subset of methods
   same = shapeworld_ci.get_config()
-  same.sampling.negative_prompt, same.evaluate.overlap = "ring", False
+  same.sampling.negative_prompt, same.workers = "ring", 1
   same.evaluate.grid_clean_prompts = 1
   same.methods, same.only = "base,sc_dpo", "candidates,cost_model,pairs,finetune,evaluate"
   again = jobs.run(same, str(workdir))
@@ -302,83 +318,129 @@ def test_claims_and_pareto_dominance():
   assert report.claims({"base": rows["base"]}) == {}
 
 
+def _stub_base(tmp_path, monkeypatch):
+  """A workdir whose base pipeline is never loaded (the jobs under test are stubbed)."""
+  monkeypatch.setattr(pretrain, "load_base", lambda folder: None)
+  monkeypatch.setattr(study, "Generator", lambda config, sd: type("G", (), {"sd": None})())
+  (tmp_path / "base_pipeline").mkdir()
+  (tmp_path / "base_pipeline" / "model_index.json").write_text("{}")
+
+
 def test_an_interrupted_finetune_stops_the_study_and_is_not_marked_done(tmp_path, monkeypatch):
   """A fine-tune job that returns preempted (SIGTERM / Ctrl-C, its state saved) is not marked
-  done, and the study stops there with "preempted" (main.py then exits 75: rerun to resume)."""
+  done, no further task starts, and the study stops with "preempted" (main.py then exits 75:
+  rerun to resume)."""
   from scdpo_jax.grpo import job as grpo_job
 
-  calls = []
+  calls, evaluated = [], []
   monkeypatch.setattr(grpo_job, "run", lambda cfg, wd: calls.append(wd) or {
       "preempted": True, "end_epoch": 1})
+  monkeypatch.setattr(study, "evaluate_method", lambda c, g, m, wd: evaluated.append(m) or {})
+  _stub_base(tmp_path, monkeypatch)
   config = shapeworld_ci.get_config()
-  out = study.stage_finetune(config, tmp_path, None, ["safediffusion_r1", "sc_dpo"])
-  assert out == {"preempted": True, "method": "safediffusion_r1"} and len(calls) == 1
+  config.methods, config.only, config.workers = "base,safediffusion_r1,sc_dpo", "finetune,evaluate,report", 1
+  result = study.run(config, tmp_path)
+  assert result["preempted"] and "report" not in result and len(calls) == 1
+  assert result["finetune"] == {"safediffusion_r1": {"preempted": True}}
+  assert evaluated == []  # R1 is the first task; nothing starts after it
   assert not finetune.done(tmp_path, "safediffusion_r1")
   assert not (finetune.method_dir(tmp_path, "safediffusion_r1") / "done.json").exists()
 
 
-def test_background_evaluation_keeps_order_reraises_and_cancels():
-  import threading
+def test_tasks_run_after_their_dependencies_in_priority_order():
+  from scdpo_jax.shapeworld import tasks
 
   seen = []
-  bg = ev.BackgroundEvaluation(lambda m: seen.append(m) or {"m": m})
-  for m in ("a", "b", "c"):
-    bg.submit(m)
-  assert bg.finish() == {m: {"m": m} for m in "abc"} and seen == ["a", "b", "c"]
+  def task(name, after=()):
+    return tasks.Task(name, lambda: seen.append(name) or name.upper(), after)
 
-  def fail(m):
-    raise RuntimeError(f"no {m}")
+  out = tasks.run_tasks([task("c", ("b",)), task("a"), task("b", ("a", "not_in_run"))], 1)
+  assert seen == ["a", "b", "c"] and out.results == {"a": "A", "b": "B", "c": "C"}
+  assert out.preempted is None and not out.stopped and set(out.seconds) == {"a", "b", "c"}
+  with pytest.raises(ValueError, match="wait on each other"):
+    tasks.run_tasks([task("x", ("y",)), task("y", ("x",))], 2)
+  with pytest.raises(ValueError, match="repeat"):
+    tasks.run_tasks([task("x"), task("x")], 1)
 
-  bg = ev.BackgroundEvaluation(fail)
-  bg.submit("x")
-  with pytest.raises(RuntimeError, match="no x"):
-    bg.finish()
 
-  started, release = threading.Event(), threading.Event()
-  done = []
+def test_tasks_run_two_at_once_and_stop_on_error_preemption_or_stop():
+  import threading
+  from scdpo_jax.shapeworld import tasks
 
-  def slow(m):
+  # two at once: each waits for the other to have started
+  both = threading.Barrier(2, timeout=10)
+  out = tasks.run_tasks([tasks.Task(n, lambda: both.wait() or True) for n in "ab"], 2)
+  assert out.results == {"a": True, "b": True}
+
+  # an error: the task running beside it finishes, nothing new starts, the error is re-raised
+  started, seen = threading.Event(), []
+  def fail():
+    started.wait(10)
+    raise RuntimeError("no good")
+  def slow():
     started.set()
-    release.wait(10)
-    done.append(m)
-    return {}
+    threading.Event().wait(0.3)
+    seen.append("slow")
+  with pytest.raises(RuntimeError, match="no good"):
+    tasks.run_tasks([tasks.Task("fail", fail), tasks.Task("slow", slow),
+                     tasks.Task("later", lambda: seen.append("later"))], 2)
+  assert seen == ["slow"]
 
-  bg = ev.BackgroundEvaluation(slow)
-  bg.submit("first")
-  bg.submit("second")
-  assert started.wait(10)
-  threading.Timer(0.2, release.set).start()
-  bg.cancel()  # the one in progress finishes, the rest is dropped
-  assert done == ["first"]
+  # a preempted task: nothing new starts, the outcome names it
+  out = tasks.run_tasks([tasks.Task("a", lambda: {"preempted": True}),
+                         tasks.Task("b", lambda: seen.append("b"))], 1)
+  assert out.preempted == "a" and "b" not in out.results and "b" not in seen
+
+  # stop(): nothing starts once it is true
+  out = tasks.run_tasks([tasks.Task("a", lambda: 1)], 1, stop=lambda: True)
+  assert out.stopped and out.results == {}
 
 
-def test_overlapped_evaluation_stops_with_an_interrupted_finetune(tmp_path, monkeypatch):
-  """A preempted fine-tune stops the study before the evaluate stage; rows already queued on the
-  background thread are finished or dropped, none is half-written."""
-  calls = []
+def test_a_signal_reaches_jobs_running_on_worker_threads():
+  """loop.Interruption: SIGTERM is handled on the main thread and flags every instance active
+  in the process, those entered on other threads (rows trained beside each other) included."""
+  import os
+  import signal
+  import threading
+  from scdpo_jax.train import loop
 
-  class Evaluator:
-    def __init__(self, fn):
-      calls.append("start")
+  entered, flagged = threading.Event(), threading.Event()
+  def worker():
+    with loop.Interruption() as mine:
+      entered.set()
+      for _ in range(200):
+        if mine.requested:
+          flagged.set()
+          return
+        threading.Event().wait(0.05)
 
-    def submit(self, m):
-      calls.append(m)
+  before = signal.getsignal(signal.SIGTERM)
+  with loop.Interruption() as main:
+    th = threading.Thread(target=worker)
+    th.start()
+    assert entered.wait(10)
+    os.kill(os.getpid(), signal.SIGTERM)
+    th.join(15)
+  assert main.requested == "SIGTERM" and flagged.is_set()
+  assert signal.getsignal(signal.SIGTERM) is before and loop.Interruption._active == []
 
-    def cancel(self):
-      calls.append("cancel")
 
-  monkeypatch.setattr(ev, "BackgroundEvaluation", Evaluator)
-  monkeypatch.setattr(study, "stage_finetune", lambda *a: {"preempted": True, "method": "x"})
-  monkeypatch.setattr(study, "_done", lambda stage, wd, c: stage != "finetune")
-  monkeypatch.setattr(pretrain, "load_base", lambda folder: None)
-  monkeypatch.setattr(study, "Generator", lambda config, sd: None)
-  (tmp_path / "base_pipeline").mkdir()
-  (tmp_path / "base_pipeline" / "model_index.json").write_text("{}")
+def test_an_interrupted_study_starts_no_evaluation_after_the_preempted_finetune(tmp_path,
+                                                                               monkeypatch):
+  """A preempted fine-tune stops the study before the report; rows evaluated before it stay,
+  none is half-written, none starts after it."""
+  evaluated = []
+  monkeypatch.setattr(study, "evaluate_method", lambda c, g, m, wd: evaluated.append(m) or {})
+  monkeypatch.setattr(finetune, "run_method", lambda c, wd, sd, m: {"preempted": True})
+  monkeypatch.setattr(study, "_done", lambda stage, wd, c: stage not in ("finetune",
+                                                                          "evaluate"))
+  monkeypatch.setattr(study, "check_reuse", lambda c, wd: None)
+  _stub_base(tmp_path, monkeypatch)
   config = shapeworld_ci.get_config()
-  config.methods = "base,negative_prompt,sc_dpo"
+  config.methods, config.workers = "base,negative_prompt,sc_dpo", 1
   result = study.run(config, tmp_path)
-  assert result["preempted"] and "evaluate" not in result
-  assert calls == ["start", "base", "negative_prompt", "cancel"]
+  assert result["preempted"] and "report" not in result
+  assert result["finetune"] == {"sc_dpo": {"preempted": True}} and evaluated == []
 
 
 def test_unknown_stage_and_method_are_rejected():

@@ -16,11 +16,9 @@ so the errors do not include training-seed variance.
 from __future__ import annotations
 
 import math
-import queue
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -136,56 +134,3 @@ def evaluate_method(config, gen, method: str, workdir: Path, unet_params: Any = 
   np.save(out / f"{method}_images.npy", images)
   files.write_json(out / f"{method}.json", result)
   return result
-
-
-class BackgroundEvaluation:
-  """Evaluates methods on one worker thread, in the order submitted, while the caller goes on
-  (the study trains the next fine-tune: `config.evaluate.overlap`). On 2 CPU cores XLA:CPU keeps
-  about 1.2 of them busy during a fine-tune, and loading TraSCE's unrolled sampler is one
-  core's work for about a minute, so the two overlap well. Each image is the same program on
-  the same inputs either way (the study's tests compare a row evaluated here with the same row
-  evaluated alone).
-
-  `submit(name)` queues one; `check()` re-raises the worker's first error (so the caller stops
-  early); `finish()` waits for every queued one and returns {name: result}; `cancel()` lets the
-  one in progress finish and drops the rest (an interrupted study).
-  """
-
-  def __init__(self, evaluate: Callable[[str], dict]):
-    self._evaluate = evaluate
-    self._queue: queue.Queue = queue.Queue()
-    self._results: dict[str, dict] = {}
-    self._error: BaseException | None = None
-    self._cancelled = threading.Event()
-    self._thread = threading.Thread(target=self._work, name="shapeworld-evaluate", daemon=True)
-    self._thread.start()
-
-  def _work(self) -> None:
-    while True:
-      name = self._queue.get()
-      if name is None or self._cancelled.is_set():
-        return
-      try:
-        self._results[name] = self._evaluate(name)
-      except BaseException as e:  # re-raised in the caller's thread by check() / finish()
-        self._error = e
-        return
-
-  def submit(self, name: str) -> None:
-    self.check()
-    self._queue.put(name)
-
-  def check(self) -> None:
-    if self._error is not None:
-      raise self._error
-
-  def finish(self) -> dict[str, dict]:
-    self._queue.put(None)
-    self._thread.join()
-    self.check()
-    return dict(self._results)
-
-  def cancel(self) -> None:
-    self._cancelled.set()
-    self._queue.put(None)
-    self._thread.join()

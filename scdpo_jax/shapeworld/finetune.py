@@ -21,6 +21,7 @@ datasets are the images in [-1, 1].
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -101,9 +102,18 @@ def grpo_config(config, base: Path, clip_folder: Path) -> ml_collections.ConfigD
   return gc
 
 
+# rows trained at once (tasks.py) may ask for the same pair set: one writes it, the others wait
+_PAIR_DATASET_LOCK = threading.Lock()
+
+
 def pair_dataset(config, workdir: Path, kind: str, sd) -> Path:
   """pairs/<kind>_dataset: the pair set `pairs/<kind>.npz` as a latent pair dataset, written
   once per pair kind and reused."""
+  with _PAIR_DATASET_LOCK:
+    return _pair_dataset(config, workdir, kind, sd)
+
+
+def _pair_dataset(config, workdir: Path, kind: str, sd) -> Path:
   from scdpo_jax.data import tfds_pairs
   from scdpo_jax.train import loop
 

@@ -8,6 +8,7 @@ the evaluation's 426 images run as 4 x 107, not 4 x 128 with 86 padded images.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 import ml_collections
@@ -63,14 +64,16 @@ class Generator:
                                       guard=self.guards[name], scan_unroll=unroll.get(name, 1)),
         batch_size=batch)
     self._t2i: dict[str, Any] = {}
+    self._lock = threading.Lock()  # the study's workers share one Generator (tasks.py)
 
   def __call__(self, prompts: Sequence[str], seeds: Sequence[int], indices: Sequence[int],
                unet_params: Any = None, guard: str = "none") -> np.ndarray:
     """uint8 (N, S, S, 3) images."""
     key = (guard, balanced_batch(len(prompts), self.max_batch))
-    if key not in self._t2i:
-      self._t2i[key] = self._make(*key)
-    t2i = self._t2i[key]
+    with self._lock:
+      if key not in self._t2i:
+        self._t2i[key] = self._make(*key)
+      t2i = self._t2i[key]
     if unet_params is not None:
       t2i = t2i.with_unet_params(unet_params)
     negative = self.negatives[guard]

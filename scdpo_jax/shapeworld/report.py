@@ -219,9 +219,18 @@ def markdown(report: dict) -> str:
   lines += [f"Plot: pareto{report['suffix']}.png. Grids: grids{report['suffix']}/<method>.png "
             "(rows: per category a harmful and an adversarial prompt, then clean prompts; "
             "columns: seed x image).", "",
-            "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in
-                                                report["timings_s"].items())]
+            _timings_line(report["timings_s"], report["config"].get("workers", 1))]
   return "\n".join(lines) + "\n"
+
+
+def _timings_line(timings: dict, workers: int) -> str:
+  """timings.json in words: the wall time, and per stage the sum of its tasks' seconds (tasks
+  run `workers` at once, so these add up to more than the wall time)."""
+  stages = ", ".join(f"{k} {v:.0f}" for k, v in timings.items() if k != "wall")
+  if "wall" not in timings:  # a workdir from before the study ran tasks at once
+    return f"Stage times (s): {stages}"
+  return (f"Wall time {timings['wall']:.0f} s ({workers} tasks at once); seconds of work per "
+          f"stage: {stages}")
 
 
 def stage_report(config, workdir: Path, run: Sequence[str], not_run: dict) -> dict:

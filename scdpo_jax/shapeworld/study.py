@@ -39,6 +39,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -53,6 +54,7 @@ from scdpo_jax.shapeworld import evaluation as ev
 from scdpo_jax.shapeworld import finetune as ft_lib
 from scdpo_jax.shapeworld import methods as methods_lib
 from scdpo_jax.shapeworld import inputs, pretrain, report as report_lib, world
+from scdpo_jax.shapeworld import tasks as tasks_lib
 from scdpo_jax.shapeworld.generation import Generator
 
 STAGES = ("pretrain", "candidates", "world_clip", "cost_model", "pairs", "finetune", "evaluate",
@@ -267,20 +269,6 @@ def stage_world_clip(config, workdir: Path) -> dict:
   return world_clip.train_world_clip(config.world_clip, workdir / "world_clip")
 
 
-def stage_finetune(config, workdir: Path, sd, methods: list[str],
-                   on_done: Callable[[str], None] | None = None) -> dict:
-  """Every method's fine-tune in turn, `on_done(method)` after each; stops at the first one
-  interrupted (SIGTERM, Ctrl-C), returning {"preempted": True, "method": it}."""
-  out = {}
-  for m in methods:
-    out[m] = ft_lib.run_method(config, workdir, sd, m)
-    if out[m].get("preempted"):
-      return {"preempted": True, "method": m}
-    if on_done is not None:
-      on_done(m)
-  return out
-
-
 def evaluate_method(config, gen: Generator, method: str, workdir: Path) -> dict:
   """Generate and score every evaluation image of `method` (evaluation.py); its metrics."""
   kind = methods_lib.get(method).kind
@@ -299,23 +287,6 @@ def _not_evaluated(config, workdir: Path) -> list[str]:
           if not (ev.eval_dir(config, workdir) / f"{m}.json").is_file()]
 
 
-def _start_background_evaluation(config, workdir: Path, gen: Generator
-                                 ) -> tuple[ev.BackgroundEvaluation, Callable[[str], None]]:
-  """The evaluator of `config.evaluate.overlap`, with every row that needs no fine-tune queued,
-  and the fine-tune stage's `on_done`: queue the row just trained."""
-  pending = set(_not_evaluated(config, workdir))
-  evaluator = ev.BackgroundEvaluation(lambda m: evaluate_method(config, gen, m, workdir))
-  for m in selected_methods(config):
-    if m in pending and m not in methods_lib.FINETUNES:
-      evaluator.submit(m)
-
-  def on_done(method: str) -> None:
-    if method in pending:
-      evaluator.submit(method)
-
-  return evaluator, on_done
-
-
 def stage_report(config, workdir: Path) -> dict:
   run = selected_methods(config)
   not_run = dict(NOT_RUN)
@@ -331,12 +302,18 @@ def _read_timings(workdir: Path) -> dict:
 
 
 def _trained(config) -> list[str]:
-  """The selected trained rows in training order: SafeDiffusion-R1, the longest, first. With
-  evaluate.overlap its single-threaded stretches (loading its programs) then overlap the guards'
-  evaluations instead of leaving the evaluation thread idle at the end (the default study:
-  15 min 43 s -> 14 min 41 s, measured when its update was still unrolled)."""
+  """The selected trained rows in training order: SafeDiffusion-R1, the longest and the first
+  ready (it needs the world CLIP, not the pairs), first."""
   trained = [m for m in selected_methods(config) if m in methods_lib.FINETUNES]
   return sorted(trained, key=lambda m: methods_lib.get(m).kind != "grpo")
+
+
+def _evaluation_order(methods: list[str]) -> list[str]:
+  """Evaluations longest first (tasks.py starts them in this order once no fine-tune is left to
+  start, so the last ones to end are short): the guards with extra UNet work per step (TraSCE
+  differentiates the UNet, SLD and SAFREE add passes), then the rest in table order."""
+  slow = [m for m in ("trasce", "sld", "safree") if m in methods]
+  return slow + [m for m in methods if m not in slow]
 
 
 def _needs_world_clip(config) -> bool:
@@ -386,69 +363,129 @@ def selected_stages(config) -> list[str]:
   return _subset(config.only, STAGES, "config.only", "stages")
 
 
+def _workers(config) -> int:
+  n = int(config.get("workers", 1))
+  if n < 1:
+    raise ValueError(f"config.workers must be >= 1, got {n}")
+  return n
+
+
+def _tasks(config, workdir: Path, stages: list[str], get_gen: Callable[[], Generator]
+           ) -> list[tasks_lib.Task]:
+  """The work of the selected stages other than pretrain and report that is not done yet, in
+  priority order (tasks.py): data stages, fine-tunes (trained_order), evaluations (longest
+  first). Task names: the stage, or "finetune:<method>" / "evaluate:<method>"."""
+  out: list[tasks_lib.Task] = []
+
+  def data_stage(stage: str, fn: Callable[[], dict], after: tuple[str, ...]) -> None:
+    def run_stage() -> dict:
+      result = fn()
+      if stage in RECORDED_STAGES:  # what it was made from
+        inputs.write(config, workdir, stage)
+      return result
+    out.append(tasks_lib.Task(stage, run_stage, after))
+
+  todo = [s for s in stages if s not in ("pretrain", "report") and not _done(s, workdir, config)]
+  for stage in stages:
+    if _done(stage, workdir, config) and stage not in ("pretrain", "report"):
+      logging.info("shapeworld: stage %s already done, skipping", stage)
+  if "candidates" in todo:
+    data_stage("candidates", lambda: stage_candidates(config, workdir, get_gen()), ())
+  if "world_clip" in todo:
+    data_stage("world_clip", lambda: stage_world_clip(config, workdir), ())
+  if "cost_model" in todo:
+    data_stage("cost_model", lambda: stage_cost_model(config, workdir),
+               ("candidates", "world_clip"))
+  if "pairs" in todo:
+    data_stage("pairs", lambda: stage_pairs(config, workdir), ("cost_model",))
+  if "finetune" in todo:
+    for m in _trained(config):
+      if not ft_lib.done(workdir, m):
+        needs = ("world_clip",) if methods_lib.get(m).kind == "grpo" else ("pairs",)
+        out.append(tasks_lib.Task(
+            f"finetune:{m}", lambda m=m: ft_lib.run_method(config, workdir, get_gen().sd, m),
+            needs))
+  if "evaluate" in todo:
+    for m in _evaluation_order(_not_evaluated(config, workdir)):
+      out.append(tasks_lib.Task(f"evaluate:{m}",
+                                lambda m=m: evaluate_method(config, get_gen(), m, workdir),
+                                (f"finetune:{m}",)))
+  return out
+
+
+def _collect(stages: list[str], outcome: tasks_lib.Outcome, results: dict,
+             timings: dict) -> None:
+  """Task results and times into the job's results (per stage; the rows' under their method)
+  and timings.json's per-stage sums of task seconds."""
+  for name, result in outcome.results.items():
+    stage, _, method = name.partition(":")
+    if method:
+      results.setdefault(stage, {})[method] = result
+    else:
+      results[stage] = result
+    timings[stage] = timings.get(stage, 0.0) + outcome.seconds[name]
+  for stage in stages:
+    results.setdefault(stage, "skipped")
+
+
 def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+  """Run the selected stages: pretrain, then the rest as tasks on `config.workers` threads
+  (tasks.py; each task after those it needs), then the report. timings.json: per stage, the sum
+  of its tasks' seconds (tasks overlap), and "wall", the runs' wall time."""
+  from scdpo_jax.train import loop
+
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   selected_methods(config)  # unknown names fail before any work
+  workers = _workers(config)
   timings = _read_timings(workdir)
-  sd, gen = None, None
-  evaluator = None  # config.evaluate.overlap: rows evaluated while the next ones train
   results: dict[str, Any] = {}
   t_all = time.time()
   stages = selected_stages(config)
   check_reuse(config, workdir)
-  for stage in stages:
-    # The report is rebuilt whenever it is asked for (cheap); other stages resume.
-    if stage != "report" and not (stage == "evaluate" and evaluator is not None) and _done(
-        stage, workdir, config):
-      logging.info("shapeworld: stage %s already done, skipping", stage)
-      results[stage] = "skipped"
-      continue
+  if "pretrain" in stages:
+    if _done("pretrain", workdir, config):
+      logging.info("shapeworld: stage pretrain already done, skipping")
+      results["pretrain"] = "skipped"
+    else:
+      t0 = time.time()
+      results["pretrain"] = pretrain.make_base(config, workdir / "base_pipeline")
+      timings["pretrain"] = timings.get("pretrain", 0.0) + time.time() - t0
+
+  loaded: dict[str, Generator] = {}
+  load_lock = threading.Lock()
+
+  def get_gen() -> Generator:  # the base pipeline and its sampler, loaded once when first needed
+    with load_lock:
+      if "gen" not in loaded:
+        folder = workdir / "base_pipeline"
+        if not (folder / "model_index.json").is_file():
+          raise FileNotFoundError(f"{folder} missing: run the pretrain stage")
+        loaded["gen"] = Generator(config, pretrain.load_base(folder))
+      return loaded["gen"]
+
+  work = [s for s in stages if s not in ("pretrain", "report")]
+  task_list = _tasks(config, workdir, work, get_gen)
+  with loop.Interruption() as interruption:  # SIGTERM / Ctrl-C: no new task; running jobs save
+    outcome = tasks_lib.run_tasks(task_list, workers,
+                                  stop=lambda: interruption.requested is not None)
+  _collect(work, outcome, results, timings)
+  timings["wall"] = timings.get("wall", 0.0) + time.time() - t_all
+  files.write_json(workdir / "timings.json", timings)
+  for name, seconds in outcome.seconds.items():
+    logging.info("shapeworld: %s done in %.0fs", name, seconds)
+  if outcome.preempted or outcome.stopped:  # the command line exits 75: rerun to resume
+    logging.warning("shapeworld: interrupted (%s); rerun the same command to resume",
+                    outcome.preempted or "stopped before every task had started")
+    results["preempted"] = True
+    return results
+  if "report" in stages:  # rebuilt whenever it is asked for (cheap)
     t0 = time.time()
-    if stage in ("candidates", "finetune", "evaluate") and sd is None:
-      if not (workdir / "base_pipeline" / "model_index.json").is_file():
-        raise FileNotFoundError(f"{workdir / 'base_pipeline'} missing: run the pretrain stage")
-      sd = pretrain.load_base(workdir / "base_pipeline")
-      gen = Generator(config, sd)
-    if stage == "pretrain":
-      results[stage] = pretrain.make_base(config, workdir / "base_pipeline")
-    elif stage == "candidates":
-      results[stage] = stage_candidates(config, workdir, gen)
-    elif stage == "cost_model":
-      results[stage] = stage_cost_model(config, workdir)
-    elif stage == "world_clip":
-      results[stage] = stage_world_clip(config, workdir)
-    elif stage == "pairs":
-      results[stage] = stage_pairs(config, workdir)
-    elif stage == "finetune":
-      on_done = None
-      if "evaluate" in stages and bool(config.evaluate.get("overlap", False)):
-        evaluator, on_done = _start_background_evaluation(config, workdir, gen)
-      try:
-        results[stage] = stage_finetune(config, workdir, sd, _trained(config), on_done)
-      except BaseException:
-        if evaluator is not None:
-          evaluator.cancel()
-        raise
-      if results[stage].get("preempted"):  # the command line exits 75: rerun to resume
-        if evaluator is not None:
-          evaluator.cancel()
-        results["preempted"] = True
-        return results
-    elif stage == "evaluate":
-      # With overlap: wait for the rows evaluated during the fine-tunes; then any left.
-      results[stage] = evaluator.finish() if evaluator is not None else {}
-      evaluator = None
-      for m in _not_evaluated(config, workdir):
-        results[stage][m] = evaluate_method(config, gen, m, workdir)
-    elif stage == "report":
-      results[stage] = stage_report(config, workdir)["claims"]
-    if stage in RECORDED_STAGES and _done(stage, workdir, config):  # what it was made from
-      inputs.write(config, workdir, stage)
-    timings[stage] = timings.get(stage, 0.0) + time.time() - t0
+    results["report"] = stage_report(config, workdir)["claims"]
+    timings["report"] = timings.get("report", 0.0) + time.time() - t0
+    timings["wall"] += time.time() - t0
     files.write_json(workdir / "timings.json", timings)
-    logging.info("shapeworld: stage %s done in %.0fs: %s", stage, time.time() - t0,
-                 json.dumps(results[stage]) if stage != "report" else results[stage])
+    logging.info("shapeworld: report done: %s", results["report"])
   results["total_s"] = time.time() - t_all
   report_md = workdir / f"report{ev.report_suffix(config)}.md"
   if report_md.is_file() and "report" in results:

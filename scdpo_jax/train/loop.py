@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -219,20 +220,27 @@ def peak_flops(config) -> float | None:
 class Interruption:
   """SIGTERM or a first Ctrl-C (SIGINT) sets a flag: the loop saves a checkpoint at the next step
   boundary and stops (the job then exits with `EXIT_INTERRUPTED`). A second Ctrl-C aborts at
-  once, without a checkpoint."""
+  once, without a checkpoint.
+
+  Signals reach the main thread only: an instance entered on another thread (a ShapeWorld row
+  trained beside another, shapeworld/tasks.py) installs no handler but is flagged, with every
+  instance active in the process, by the handler of one entered on the main thread (the study
+  holds one for as long as its workers run)."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  _active: list["Interruption"] = []  # every instance between __enter__ and __exit__
+  _lock = threading.Lock()
 
   def __init__(self):
     self.requested: str | None = None
     self._previous: dict = {}
 
   def __enter__(self):
-    for sig in self.SIGNALS:
-      try:
+    with Interruption._lock:
+      Interruption._active.append(self)
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
         self._previous[sig] = signal.signal(sig, self._handler)
-      except ValueError:  # not the main thread
-        pass
     return self
 
   def _handler(self, signum, frame):
@@ -240,8 +248,12 @@ class Interruption:
     if self.requested and signum == signal.SIGINT:
       logging.warning("second SIGINT: stopping now, without a checkpoint")
       raise KeyboardInterrupt
-    # the flag before the log line: a second Ctrl-C sent as soon as the line appears may run
+    # the flags before the log line: a second Ctrl-C sent as soon as the line appears may run
     # this handler again, nested, before the first one returns
+    with Interruption._lock:
+      active = list(Interruption._active)
+    for instance in active:
+      instance.requested = instance.requested or name
     self.requested = name
     logging.warning("%s received: saving a checkpoint at the end of this step, then stopping "
                     "(Ctrl-C again to abort at once)", name)
@@ -249,6 +261,8 @@ class Interruption:
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    with Interruption._lock:
+      Interruption._active.remove(self)
 
 
 def _data_identity(source) -> dict:
