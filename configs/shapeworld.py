@@ -5,8 +5,9 @@
   python main.py --config configs/shapeworld.py --workdir runs/shapeworld --config.only=evaluate,report
 
 Budget: at most 15 minutes on 2 CPU cores from an empty workdir with a warm compile cache
-(measured 13 min 13 s on one machine, 26 min 1 s on a slower one, an AMD EPYC: over budget
-there; README.md, section ShapeWorld). Sixteen rows (shapeworld/methods.py): the base, seven
+(measured 22 min 17 s on 2 AMD EPYC cores with 2 workers, both cores busy: over budget there;
+13 min 13 s on a machine about twice as fast with the older schedule; README.md, ShapeWorld).
+Sixteen rows (shapeworld/methods.py): the base, seven
 SC-DPO variants, Diffusion-DPO, SafetyDPO and All-single, SafeDiffusion-R1 and four
 training-free guards, on the same held-out prompts, seeds and exact detectors.
 Stages, in order (`config.only` = comma-separated subset; each reuses what the workdir holds):

@@ -6,7 +6,7 @@ new pair rule) would silently report the old outputs under the new config. So ea
 records the config values it was made from, upstream stages' included, in a small JSON file
 beside it (`record_path`), and a rerun compares them first (`check`): a difference stops the
 study before any work, naming the file, the keys and both values. Changes that leave an output
-as it was (another `config.methods` subset, `evaluate.overlap`, the report's grids, a key that
+as it was (another `config.methods` subset, `workers`, the report's grids, a key that
 only other stages read) keep it.
 
 Records: candidates/inputs.json, world_clip/inputs.json, cost_model/inputs.json,

@@ -413,6 +413,25 @@ def _tasks(config, workdir: Path, stages: list[str], get_gen: Callable[[], Gener
   return out
 
 
+def _import_task_modules() -> None:
+  """Import what the tasks import on first use, on this thread before the workers start: a
+  first `import transformers` on two threads at once fails ("cannot import name
+  'CLIPTokenizer'": it replaces itself in sys.modules with a lazy module while the other thread
+  reads it; seen in the study's first run with two workers)."""
+  import transformers
+
+  from scdpo_jax.cost_model import job as _cm_job, scorer as _scorer  # noqa: F401
+  from scdpo_jax.data import tfds_pairs as _tfds_pairs  # noqa: F401
+  from scdpo_jax.grpo import job as _grpo_job  # noqa: F401
+  from scdpo_jax.lora import safetydpo as _safetydpo  # noqa: F401
+  from scdpo_jax.models import clip_io as _clip_io, tokenizer as _tokenizer  # noqa: F401
+  from scdpo_jax.sampling import generate as _generate  # noqa: F401
+  from scdpo_jax.shapeworld import world_clip as _world_clip  # noqa: F401
+  from scdpo_jax.train import loop as _loop  # noqa: F401
+
+  transformers.CLIPTokenizer  # noqa: B018 (resolves the lazy attribute)
+
+
 def _collect(stages: list[str], outcome: tasks_lib.Outcome, results: dict,
              timings: dict) -> None:
   """Task results and times into the job's results (per stage; the rows' under their method)
@@ -466,6 +485,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
 
   work = [s for s in stages if s not in ("pretrain", "report")]
   task_list = _tasks(config, workdir, work, get_gen)
+  if workers > 1 and len(task_list) > 1:
+    _import_task_modules()
   with loop.Interruption() as interruption:  # SIGTERM / Ctrl-C: no new task; running jobs save
     outcome = tasks_lib.run_tasks(task_list, workers,
                                   stop=lambda: interruption.requested is not None)
