@@ -78,7 +78,7 @@ def stage_inputs(config, stage: str) -> dict[str, Any]:
     keys += _OWN["candidates"]
   if stage in ("cost_model", "pairs"):
     keys += _OWN["cost_model"]
-    if study._cost_model_tower(config) == "world_clip":
+    if study.cost_model_tower(config) == "world_clip":
       keys += _OWN["world_clip"]
   if stage == "world_clip":
     keys = list(_OWN["world_clip"])

@@ -137,12 +137,14 @@ def _cost_model_config(config, workdir: Path) -> ml_collections.ConfigDict:
   `cost_model_tower="world_clip"`, the world CLIP's folder as its frozen image tower."""
   cfg = config.cost_model.copy_and_resolve_references()
   cfg.data.images_csv = str(Path(workdir) / "cost_model_data" / "labels.csv")
-  if _cost_model_tower(config) == "world_clip":
+  if cost_model_tower(config) == "world_clip":
     cfg.clip_folder = str(Path(workdir) / "world_clip")
   return cfg
 
 
-def _cost_model_tower(config) -> str:
+def cost_model_tower(config) -> str:
+  """`config.cost_model_tower` checked: the cost model's frozen image tower, "world_clip" or
+  "random" (also read by inputs.py: the world CLIP is then an input of the cost model)."""
   tower = str(config.get("cost_model_tower", "random"))
   if tower not in COST_MODEL_TOWERS:
     raise ValueError(f"config.cost_model_tower must be one of {COST_MODEL_TOWERS}, got {tower!r}")
@@ -318,7 +320,7 @@ def _evaluation_order(methods: list[str]) -> list[str]:
 
 def _needs_world_clip(config) -> bool:
   return ("safediffusion_r1" in selected_methods(config)
-          or _cost_model_tower(config) == "world_clip")
+          or cost_model_tower(config) == "world_clip")
 
 
 def _done(stage: str, workdir: Path, config) -> bool:
