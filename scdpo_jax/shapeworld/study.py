@@ -495,8 +495,6 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   _collect(work, outcome, results, timings)
   timings["wall"] = timings.get("wall", 0.0) + time.time() - t_all
   files.write_json(workdir / "timings.json", timings)
-  for name, seconds in outcome.seconds.items():
-    logging.info("shapeworld: %s done in %.0fs", name, seconds)
   if outcome.preempted or outcome.stopped:  # the command line exits 75: rerun to resume
     logging.warning("shapeworld: interrupted (%s); rerun the same command to resume",
                     outcome.preempted or "stopped before every task had started")

@@ -54,6 +54,7 @@ def run_tasks(tasks: Sequence[Task], workers: int,
     if t.name in t.after:
       raise ValueError(f"task {t.name} depends on itself")
   pending = list(tasks)
+  t_start = time.time()
   finished: set[str] = set()
   out = Outcome(results={}, seconds={})
   errors: list[BaseException] = []
@@ -108,6 +109,9 @@ def run_tasks(tasks: Sequence[Task], workers: int,
       with cond:
         out.results[task.name] = result
         out.seconds[task.name] = time.time() - t0
+        logging.info("shapeworld: %s done in %.0fs; %d of %d tasks done after %.0fs%s",
+                     task.name, out.seconds[task.name], len(out.results), len(tasks),
+                     time.time() - t_start, f", next: {pending[0].name}" if pending else "")
         if _is_preempted(result):
           out.preempted = out.preempted or task.name
         else:
