@@ -109,15 +109,15 @@ def run_tasks(tasks: Sequence[Task], workers: int,
       with cond:
         out.results[task.name] = result
         out.seconds[task.name] = time.time() - t0
-        logging.info("shapeworld: %s done in %.0fs; %d of %d tasks done after %.0fs%s",
-                     task.name, out.seconds[task.name], len(out.results), len(tasks),
-                     time.time() - t_start, f", next: {pending[0].name}" if pending else "")
         if _is_preempted(result):
           out.preempted = out.preempted or task.name
         else:
           finished.add(task.name)
         running -= 1
         cond.notify_all()
+        logging.info("shapeworld: %s done in %.0fs; %d of %d tasks done after %.0fs, %d running",
+                     task.name, out.seconds[task.name], len(out.results), len(tasks),
+                     time.time() - t_start, running)
 
   threads = [threading.Thread(target=work, name=f"shapeworld-worker-{i}", daemon=True)
              for i in range(1, min(workers, len(tasks)))]
