@@ -375,7 +375,7 @@ def _workers(config) -> int:
 def _tasks(config, workdir: Path, stages: list[str], get_gen: Callable[[], Generator]
            ) -> list[tasks_lib.Task]:
   """The work of the selected stages other than pretrain and report that is not done yet, in
-  priority order (tasks.py): data stages, fine-tunes (trained_order), evaluations (longest
+  priority order (tasks.py): data stages, fine-tunes (`_trained`), evaluations (longest
   first). Task names: the stage, or "finetune:<method>" / "evaluate:<method>"."""
   out: list[tasks_lib.Task] = []
 

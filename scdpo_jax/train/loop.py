@@ -229,7 +229,8 @@ class Interruption:
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
   _active: list["Interruption"] = []  # every instance between __enter__ and __exit__
-  _lock = threading.Lock()
+  # reentrant: the handler runs on the main thread, maybe while that thread holds the lock
+  _lock = threading.RLock()
 
   def __init__(self):
     self.requested: str | None = None
