@@ -1,6 +1,6 @@
 """ShapeWorld, shortened for CI: every stage of configs/shapeworld.py, tiny step counts.
 
-  python main.py --config configs/shapeworld_ci.py --workdir /tmp/shapeworld_ci   # 160-228 s warm on 2 AMD EPYC cores
+  python main.py --config configs/shapeworld_ci.py --workdir /tmp/shapeworld_ci   # ~165 s warm on 2 AMD EPYC cores
 
 Exercises the same code paths as the full study (pretrain, candidates, cost model, world CLIP,
 pairs, fine-tunes of every kind through their real jobs, guards, evaluation, report) with a few
