@@ -5,6 +5,7 @@ so no number is checked against a target (the README's table is the full study's
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -42,6 +43,13 @@ def test_every_stage_and_method_ran_and_wrote_its_outputs(finished):
                "timings.json"):
     assert (workdir / path).exists(), path
   assert not (workdir / "base_pipeline" / "vae").exists()  # pixel space
+  # timings: per stage the sum of its tasks' seconds (two at once), and the run's wall time
+  timings = json.loads((workdir / "timings.json").read_text())
+  assert set(study.STAGES) | {"wall"} == set(timings)
+  assert timings["wall"] < sum(v for k, v in timings.items() if k != "wall")
+  # the report is written before its own seconds are added to the wall time
+  wall = re.search(r"Wall time (\d+) s \(2 tasks at once\)", (workdir / "report.md").read_text())
+  assert wall and abs(int(wall.group(1)) - timings["wall"]) <= 5 + timings["report"]
   for kind in methods.PAIR_KINDS:
     assert (workdir / "pairs" / f"{kind}.npz").is_file(), kind
   assert {methods.get(m).kind for m in RUN} == set(methods.KINDS)
