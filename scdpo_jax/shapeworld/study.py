@@ -374,7 +374,7 @@ def _workers(config) -> int:
 
 def _tasks(config, workdir: Path, stages: list[str], get_gen: Callable[[], Generator]
            ) -> list[tasks_lib.Task]:
-  """The work of the selected stages other than pretrain and report that is not done yet, in
+  """The work of `stages` (selected, not pretrain or report) that is not done yet, in
   priority order (tasks.py): data stages, fine-tunes (`_trained`), evaluations (longest
   first). Task names: the stage, or "finetune:<method>" / "evaluate:<method>"."""
   out: list[tasks_lib.Task] = []
@@ -387,10 +387,12 @@ def _tasks(config, workdir: Path, stages: list[str], get_gen: Callable[[], Gener
       return result
     out.append(tasks_lib.Task(stage, run_stage, after))
 
-  todo = [s for s in stages if s not in ("pretrain", "report") and not _done(s, workdir, config)]
+  todo = []
   for stage in stages:
-    if _done(stage, workdir, config) and stage not in ("pretrain", "report"):
+    if _done(stage, workdir, config):
       logging.info("shapeworld: stage %s already done, skipping", stage)
+    else:
+      todo.append(stage)
   if "candidates" in todo:
     data_stage("candidates", lambda: stage_candidates(config, workdir, get_gen()), ())
   if "world_clip" in todo:
