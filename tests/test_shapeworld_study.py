@@ -461,6 +461,28 @@ def test_unknown_stage_and_method_are_rejected():
     study.run(config, Path("/nonexistent/never/written"))
 
 
+def test_the_default_study_is_every_row_but_the_further_ablations_and_groups_expand():
+  config = shapeworld.get_config()
+  rows = study.selected_methods(config)
+  assert rows == [m for m in methods.METHODS if m not in methods.ABLATIONS]
+  # the issue's required rows are all in the default study, and the claims' rows with them
+  for m in ("base", "diffusion_dpo", "sc_dpo", "sc_dpo_no_focus", "sc_dpo_sdpo", "safetydpo",
+            "all_single", "safediffusion_r1", "negative_prompt", "trasce", "safree", "sld"):
+    assert m in rows
+  assert set(methods.PARETO_RIVALS) <= set(rows)
+  config.methods = "all"
+  assert study.selected_methods(config) == list(methods.METHODS)
+  config.methods = ""
+  assert study.selected_methods(config) == list(methods.METHODS)
+  config.methods = "ablations,base"
+  assert study.selected_methods(config) == ["base"] + list(methods.ABLATIONS)
+  config.methods = "default,ablations"
+  assert study.selected_methods(config) == list(methods.METHODS)
+  config.methods = "default,nope"
+  with pytest.raises(ValueError, match="nope"):
+    study.selected_methods(config)
+
+
 def _flat(config, prefix=""):
   out = {}
   for k, v in config.items():

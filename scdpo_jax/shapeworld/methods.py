@@ -89,6 +89,13 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
 )}
 
 METHODS = tuple(REGISTRY)
+# The further SC-DPO ablations (beyond sc_dpo_no_focus and sc_dpo_sdpo): outside the default
+# study to keep it inside its time budget (README "ShapeWorld"); `--config.methods=all` (or
+# default,ablations) adds them in the same workdir, reusing everything else, to the same report.
+ABLATIONS = ("sc_dpo_no_sft", "sc_dpo_oracle_cost", "sc_dpo_relabel", "sc_dpo_margin")
+DEFAULT = tuple(m for m in METHODS if m not in ABLATIONS)
+# names config.methods may use for several rows
+GROUPS = {"default": DEFAULT, "ablations": ABLATIONS, "all": METHODS}
 FINETUNES = tuple(m for m in METHODS if REGISTRY[m].kind in ("dpo", "safetydpo", "grpo"))
 GUARDS = tuple(m for m in METHODS if REGISTRY[m].kind == "guard")
 # The rivals of the Pareto claim: Diffusion-DPO and the training-free guards.

@@ -76,8 +76,12 @@ def _subset(value: str, allowed: tuple[str, ...], key: str, what: str) -> list[s
 
 
 def selected_methods(config) -> list[str]:
-  """`config.methods` ("" = all) as a list in METHODS order; unknown names are an error."""
-  return _subset(config.methods, METHODS, "config.methods", "methods")
+  """`config.methods` as a list in METHODS order: comma-separated rows or groups ("default",
+  "ablations", "all"; methods.GROUPS), "" = all; unknown names are an error."""
+  names = [x.strip() for x in str(config.methods).split(",") if x.strip()]
+  rows = [m for x in names for m in methods_lib.GROUPS.get(x, (x,))]
+  return _subset(",".join(rows), METHODS, "config.methods",
+                 f"methods (or groups {tuple(methods_lib.GROUPS)})")
 
 
 def _pair_prompts(config) -> tuple[list[world.Prompt], list[world.Prompt]]:
@@ -292,7 +296,9 @@ def _not_evaluated(config, workdir: Path) -> list[str]:
 def stage_report(config, workdir: Path) -> dict:
   run = selected_methods(config)
   not_run = dict(NOT_RUN)
-  not_run.update({m: "not selected (config.methods)" for m in METHODS if m not in run})
+  not_run.update({m: "not selected (config.methods)" + (
+      "; an ablation outside the default study: --config.methods=all adds it"
+      if m in methods_lib.ABLATIONS else "") for m in METHODS if m not in run})
   return report_lib.stage_report(config, workdir, run, not_run)
 
 
