@@ -355,6 +355,12 @@ def test_an_interrupted_finetune_stops_the_study_and_is_not_marked_done(tmp_path
   assert not (finetune.method_dir(tmp_path, "safediffusion_r1") / "done.json").exists()
 
 
+def test_evaluations_start_longest_first_then_in_table_order():
+  order = study._evaluation_order(list(methods.METHODS))
+  assert order[:3] == ["trasce", "safree", "sld"]
+  assert order[3:] == [m for m in methods.METHODS if methods.get(m).eval_cost == 1.0]
+
+
 def test_tasks_run_after_their_dependencies_in_priority_order():
   from scdpo_jax.shapeworld import tasks
 

@@ -46,6 +46,9 @@ class Method:
   # config.finetune.optimizer
   optimizer: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   safetydpo: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.safetydpo
+  # its evaluation's seconds over a plain row's (the study starts the longest first; measured
+  # on 2 cores: TraSCE differentiates the UNet each step, SAFREE and SLD add passes)
+  eval_cost: float = 1.0
 
 
 _SC_DPO = ("SCP pairs, cost margin with lam by dual ascent (variant C), Dynamic Focusing, "
@@ -83,9 +86,12 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("safediffusion_r1", "grpo", "SafeDiffusion-R1: online GRPO with the steering reward "
            "of a CLIP trained on the world"),
     Method("negative_prompt", "guard", "negative prompt naming the plain unsafe phrases"),
-    Method("trasce", "guard", "TraSCE (nudity preset) with that negative prompt"),
-    Method("sld", "guard", "Safe Latent Diffusion, diffusers' medium preset"),
-    Method("safree", "guard", "SAFREE as released, the plain unsafe phrases as its concepts"),
+    Method("trasce", "guard", "TraSCE (nudity preset) with that negative prompt",
+           eval_cost=4.7),
+    Method("sld", "guard", "Safe Latent Diffusion, diffusers' medium preset",
+           eval_cost=1.6),
+    Method("safree", "guard", "SAFREE as released, the plain unsafe phrases as its concepts",
+           eval_cost=2.7),
 )}
 
 METHODS = tuple(REGISTRY)

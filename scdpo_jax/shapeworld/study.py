@@ -317,11 +317,9 @@ def _trained(config) -> list[str]:
 
 
 def _evaluation_order(methods: list[str]) -> list[str]:
-  """Evaluations longest first (tasks.py starts them in this order once no fine-tune is left to
-  start, so the last ones to end are short): the guards with extra UNet work per step (TraSCE
-  differentiates the UNet, SLD and SAFREE add passes), then the rest in table order."""
-  slow = [m for m in ("trasce", "sld", "safree") if m in methods]
-  return slow + [m for m in methods if m not in slow]
+  """Evaluations longest first (`Method.eval_cost`; tasks.py starts them in this order once no
+  fine-tune is left to start, so the last ones to end are short), ties in table order."""
+  return sorted(methods, key=lambda m: -methods_lib.get(m).eval_cost)
 
 
 def _needs_world_clip(config) -> bool:
