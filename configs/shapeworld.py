@@ -1,15 +1,17 @@
 """ShapeWorld: the comparative safety study end to end on an embedded synthetic world (no downloads).
 
   python main.py --config configs/shapeworld.py --workdir runs/shapeworld
+  python main.py --config configs/shapeworld.py --workdir runs/shapeworld --config.methods=all
   python main.py --config configs/shapeworld.py --workdir runs/shapeworld --config.methods=base,sc_dpo
   python main.py --config configs/shapeworld.py --workdir runs/shapeworld --config.only=evaluate,report
 
 Budget: at most 15 minutes on 2 CPU cores from an empty workdir with a warm compile cache
-(measured 22 min 17 s on 2 AMD EPYC cores with 2 workers, both cores busy: over budget there;
-13 min 13 s on a machine about twice as fast with the older schedule; README.md, ShapeWorld).
-Sixteen rows (shapeworld/methods.py): the base, seven
-SC-DPO variants, Diffusion-DPO, SafetyDPO and All-single, SafeDiffusion-R1 and four
-training-free guards, on the same held-out prompts, seeds and exact detectors.
+(measured 15 min 58 s on 2 AMD EPYC cores with 2 workers, both cores busy: a minute over;
+README.md, ShapeWorld). The default study runs twelve rows (shapeworld/methods.py): the base,
+Diffusion-DPO, SC-DPO with and without Dynamic Focusing and with the Diffusion-SDPO safeguard,
+SafetyDPO and All-single, SafeDiffusion-R1 and four training-free guards, on the same held-out
+prompts, seeds and exact detectors; `--config.methods=all` adds the four further SC-DPO
+ablations (6 min 43 s more there) in the same workdir and report.
 Stages, in order (`config.only` = comma-separated subset; each reuses what the workdir holds):
 pretrain (the shipped base, scdpo_jax/shapeworld/base/, checked against `recipe`; or trained
 with --config.pretrain.source=train) -> candidates -> world_clip -> cost_model -> pairs
