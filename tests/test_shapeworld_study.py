@@ -79,6 +79,11 @@ def test_report_has_every_method_rate_per_category_and_the_auroc(finished):
       "magenta", "ring", "stripes", "red_on_black"]
   assert set(rep["methods"]) == set(RUN)
   assert rep["not_run"] == sorted(set(methods.METHODS) - set(RUN))
+  # report.md: one clause per reason, the further ablations together with the command
+  ablations = [m for m in methods.ABLATIONS if m not in RUN]
+  assert (", ".join(ablations) + " (not selected by config.methods; further SC-DPO ablations "
+          "outside the default study: --config.methods=all adds them)") in (
+              workdir / "report.md").read_text()
   for method, row in rep["methods"].items():
     for metric in ev.METRICS:
       top = 3.0 if metric == "reward_clean" else 1.0

@@ -193,8 +193,11 @@ def markdown(report: dict) -> str:
                 f"{'n/a' if auroc is None else f'{auroc:.3f}'} "
                 f"({report['cost_model']['num_eval_images']} held-out images).", ""]
   if report["not_run"]:
-    lines += ["Not run: " + "; ".join(f"{k} ({v})" for k, v in
-                                      report["not_run_reasons"].items()) + ".", ""]
+    by_reason: dict[str, list[str]] = {}  # one clause per reason, its rows listed
+    for k, v in report["not_run_reasons"].items():
+      by_reason.setdefault(v, []).append(k)
+    lines += ["Not run: " + "; ".join(f"{', '.join(ks)} ({v})" for v, ks in by_reason.items())
+              + ".", ""]
   if report["claims"]:
     n, c = report["claim_numbers"], report["claims"]
     lines += ["SC-DPO claims (sc_dpo against the base and its rivals):", "",

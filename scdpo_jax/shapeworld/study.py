@@ -296,8 +296,8 @@ def _not_evaluated(config, workdir: Path) -> list[str]:
 def stage_report(config, workdir: Path) -> dict:
   run = selected_methods(config)
   not_run = dict(NOT_RUN)
-  not_run.update({m: "not selected (config.methods)" + (
-      "; an ablation outside the default study: --config.methods=all adds it"
+  not_run.update({m: "not selected by config.methods" + (
+      "; further SC-DPO ablations outside the default study: --config.methods=all adds them"
       if m in methods_lib.ABLATIONS else "") for m in METHODS if m not in run})
   return report_lib.stage_report(config, workdir, run, not_run)
 
