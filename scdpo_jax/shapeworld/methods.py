@@ -46,8 +46,9 @@ class Method:
   # config.finetune.optimizer
   optimizer: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   safetydpo: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.safetydpo
-  # its evaluation's seconds over a plain row's (the study starts the longest first; measured
-  # on 2 cores: TraSCE differentiates the UNet each step, SAFREE and SLD add passes)
+  # its evaluation's seconds over a plain row's, for the study to start the longest first
+  # (three default studies on 2 cores, plain row ~42 s: TraSCE 191-198 s, it differentiates the
+  # UNet each step; SAFREE 46-117 s and SLD 66-67 s add passes)
   eval_cost: float = 1.0
 
 
@@ -91,7 +92,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("sld", "guard", "Safe Latent Diffusion, diffusers' medium preset",
            eval_cost=1.6),
     Method("safree", "guard", "SAFREE as released, the plain unsafe phrases as its concepts",
-           eval_cost=2.7),
+           eval_cost=2.2),
 )}
 
 METHODS = tuple(REGISTRY)
