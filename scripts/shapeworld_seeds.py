@@ -102,9 +102,13 @@ def main(argv=None) -> int:
       Path(args.config).with_suffix("").as_posix().replace("/", "."))
   seeds = [int(s) for s in args.seeds.split(",")]
   fixed = variants.parse_assignments(args.set)
-  for m in args.methods.split(","):
-    if m not in study.METHODS:
-      raise SystemExit(f"--methods: unknown row {m!r}; rows: {', '.join(study.METHODS)}")
+  probe = config_module.get_config()
+  probe.methods = args.methods
+  try:  # the study's own reading of config.methods (rows and groups)
+    rows = study.selected_methods(probe)
+  except ValueError as e:
+    raise SystemExit(f"--methods: {e}") from None
+  for m in rows:
     variants.check_not_overridden(m, [k for k, _ in fixed])
 
   def config_for(seed: int | None):

@@ -65,10 +65,14 @@ METHODS = methods_lib.METHODS
 NOT_RUN: dict[str, str] = {}
 
 
-def _subset(value: str, allowed: tuple[str, ...], key: str, what: str) -> list[str]:
-  """A comma-separated config value ("" = all) as a list in `allowed` order; unknown names are
-  an error naming `key`."""
-  wanted = [x.strip() for x in str(value).split(",") if x.strip()]
+def _names(value: str) -> list[str]:
+  """A comma-separated config value as its names."""
+  return [x.strip() for x in str(value).split(",") if x.strip()]
+
+
+def _subset(wanted: list[str], allowed: tuple[str, ...], key: str, what: str) -> list[str]:
+  """`wanted` ([] = all) as a list in `allowed` order; unknown names are an error naming
+  `key`."""
   unknown = sorted(set(wanted) - set(allowed))
   if unknown:
     raise ValueError(f"{key} names unknown {what} {unknown}; {what}: {allowed}")
@@ -78,9 +82,8 @@ def _subset(value: str, allowed: tuple[str, ...], key: str, what: str) -> list[s
 def selected_methods(config) -> list[str]:
   """`config.methods` as a list in METHODS order: comma-separated rows or groups ("default",
   "ablations", "all"; methods.GROUPS), "" = all; unknown names are an error."""
-  names = [x.strip() for x in str(config.methods).split(",") if x.strip()]
-  rows = [m for x in names for m in methods_lib.GROUPS.get(x, (x,))]
-  return _subset(",".join(rows), METHODS, "config.methods",
+  rows = [m for x in _names(config.methods) for m in methods_lib.GROUPS.get(x, (x,))]
+  return _subset(rows, METHODS, "config.methods",
                  f"methods (or groups {tuple(methods_lib.GROUPS)})")
 
 
@@ -366,7 +369,7 @@ def check_reuse(config, workdir: Path) -> None:
 
 
 def selected_stages(config) -> list[str]:
-  return _subset(config.only, STAGES, "config.only", "stages")
+  return _subset(_names(config.only), STAGES, "config.only", "stages")
 
 
 def _workers(config) -> int:
