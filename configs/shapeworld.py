@@ -87,8 +87,11 @@ def get_config() -> ml_collections.ConfigDict:
       num_steps=12, guidance_scale=3.0, batch_size=32,
       negative_prompt="magenta, ring, striped, red on black",
       # TraSCE's loss guidance differentiates the UNet inside the sampler loop: unrolled (all
-      # 12 steps), XLA:CPU runs it ~10x faster (a longer compile, cached); 1 = a loop
-      trasce_scan_unroll=12))
+      # 12 steps), XLA:CPU runs it ~10x faster (a longer compile); 1 = a loop
+      trasce_scan_unroll=12,
+      # ... and loads that program from the persistent cache slower than it compiles it (65 s
+      # vs 37 s): compiled in every run, never cached (SamplingSettings.persistent_cache)
+      trasce_persistent_cache=False))
   # The training-free guards' concepts: the world's plain unsafe phrases (never a held-out
   # rephrasing); SLD with a diffusers preset, SAFREE as released (lra "released").
   config.guards = ml_collections.ConfigDict(dict(

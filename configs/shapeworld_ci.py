@@ -32,7 +32,8 @@ def get_config():
   config.pretrain.train.update(dict(num_steps=30, batch_size=16))
   config.pretrain.optimizer.warmup_steps = 5
   config.pretrain.log.every_steps = 20
-  config.sampling.update(dict(num_steps=3, batch_size=64))
+  # its small TraSCE program stays in the persistent cache (the suite reruns it every time)
+  config.sampling.update(dict(num_steps=3, batch_size=64, trasce_persistent_cache=True))
   config.candidates.update(dict(per_harmful_prompt=2, per_paraphrase=2, per_clean_prompt=2))
   config.cost_model.train.num_steps = 20
   config.cost_model.checkpoint.every_steps = 20

@@ -10,6 +10,7 @@
 """
 
 import dataclasses
+import logging
 import numpy as np
 import pytest
 import diffusers
@@ -379,3 +380,19 @@ def test_text_to_image_trasce_runs_on_the_unet(tiny_pipelines):
                              atol=1e-5, rtol=0)
   with pytest.raises(ValueError, match="needs negative_prompts"):
     guarded(PROMPTS, SEEDS, INDICES, GUIDANCE)
+
+
+def test_a_program_kept_out_of_the_persistent_cache_is_compiled_and_not_written(
+    tiny_pipelines, caplog):
+  _, sd, _ = tiny_pipelines
+  settings = generate.SamplingSettings(num_steps=2, persistent_cache=False)
+  # batch 3: a program no test writes, so it cannot be in the cache from an earlier run
+  uncached = generate.TextToImage(sd, settings, batch_size=3)
+  caplog.set_level(logging.DEBUG, logger="jax._src.compiler")
+  images = uncached(PROMPTS, SEEDS, INDICES, GUIDANCE)
+  assert any(r.getMessage().startswith("Not writing persistent cache entry for 'jit__generate'")
+             for r in caplog.records), "the sampler was written to the cache (or not compiled)"
+  cached = generate.TextToImage(sd, dataclasses.replace(settings, persistent_cache=True),
+                                batch_size=2)
+  np.testing.assert_allclose(images, cached(PROMPTS, SEEDS, INDICES, GUIDANCE), atol=1e-5,
+                             rtol=0)

@@ -25,6 +25,7 @@ token states and pooled output).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from typing import Any, Sequence
@@ -62,6 +63,13 @@ class SamplingSettings:
   `scan_unroll`: sampler steps per iteration of the sampler's `lax.scan` (same images). 1 on
   GPU/TPU; on XLA:CPU a guard that differentiates inside the loop (TraSCE's loss guidance) runs
   about 10x faster with every step unrolled, at a longer compile.
+
+  `persistent_cache`: False compiles this program afresh in every process and never writes it
+  to JAX's persistent compilation cache (the same program, the same images): for programs that
+  XLA:CPU loads from the cache slower than it compiles them. jaxlib 0.10.2 looks up each YNN
+  fusion of a cached executable by scanning the module's instructions; ShapeWorld's unrolled
+  TraSCE sampler (4.4 MB cached) took 65 s to load and 37 s to compile. An entry written before
+  is still read (delete it from the cache folder).
   """
 
   sampler: str = "ddim"
@@ -76,6 +84,7 @@ class SamplingSettings:
   crops_coords_top_left: tuple[int, int] = (0, 0)
   target_size: tuple[int, int] | None = None
   scan_unroll: int = 1
+  persistent_cache: bool = True
 
 
 class TextToImage:
@@ -265,9 +274,22 @@ class TextToImage:
       if self._input_shardings is not None:
         inputs = tuple(jax.tree.map(lambda v, s=s: _place(v, s), x)
                        for x, s in zip(inputs, self._input_shardings))
-      images = self._fn(self.params, *inputs, guard, self.plan)
+      with _cache_writes(self.settings.persistent_cache):  # the first call compiles
+        images = self._fn(self.params, *inputs, guard, self.plan)
       out.append(_to_host(images)[: stop - start])
     return np.concatenate(out) if out else np.zeros((0, self.height, self.width, 3), np.float32)
+
+
+def _cache_writes(enabled: bool):
+  """A context in which this thread's compiles are (not) written to the persistent cache
+  (`SamplingSettings.persistent_cache`). JAX has no public per-program switch: its thread-local
+  minimum compile time for a write, raised past any compile, does it."""
+  from jax._src import config as jax_config
+
+  state = getattr(jax_config, "persistent_cache_min_compile_time_secs", None)
+  if enabled or state is None:
+    return contextlib.nullcontext()
+  return state(1e12)
 
 
 @struct.dataclass

@@ -58,10 +58,12 @@ class Generator:
                       "trasce": str(s.negative_prompt), "sld": None,
                       "safree": safree.negative_prompt(concepts)}
     unroll = {"trasce": int(s.get("trasce_scan_unroll", 1))}
+    cached = {"trasce": bool(s.get("trasce_persistent_cache", True))}
     self.max_batch = int(s.batch_size)
     self._make = lambda name, batch: generate.TextToImage(
         sd, generate.SamplingSettings(sampler="ddim", num_steps=int(s.num_steps),
-                                      guard=self.guards[name], scan_unroll=unroll.get(name, 1)),
+                                      guard=self.guards[name], scan_unroll=unroll.get(name, 1),
+                                      persistent_cache=cached.get(name, True)),
         batch_size=batch)
     self._t2i: dict[str, Any] = {}
     self._lock = threading.Lock()  # the study's workers share one Generator (tasks.py)

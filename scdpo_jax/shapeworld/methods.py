@@ -47,8 +47,9 @@ class Method:
   optimizer: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   safetydpo: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.safetydpo
   # its evaluation's seconds over a plain row's, for the study to start the longest first
-  # (three default studies on 2 cores, plain row ~42 s: TraSCE 191-198 s, it differentiates the
-  # UNet each step; SAFREE 46-117 s and SLD 66-67 s add passes)
+  # (default studies on 2 cores, plain row ~41 s: TraSCE 163 s, it differentiates the UNet
+  # each step, 188-201 s when its program came from the cache; SAFREE 45-117 s and SLD 66-69 s
+  # add passes, SAFREE's spread from what runs beside it, 35 s alone)
   eval_cost: float = 1.0
 
 
@@ -88,7 +89,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            "of a CLIP trained on the world"),
     Method("negative_prompt", "guard", "negative prompt naming the plain unsafe phrases"),
     Method("trasce", "guard", "TraSCE (nudity preset) with that negative prompt",
-           eval_cost=4.7),
+           eval_cost=4.0),
     Method("sld", "guard", "Safe Latent Diffusion, diffusers' medium preset",
            eval_cost=1.6),
     Method("safree", "guard", "SAFREE as released, the plain unsafe phrases as its concepts",
