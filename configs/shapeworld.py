@@ -232,8 +232,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Fixed before any tuning: the held-out test split, seeds 0-2, 1 image per prompt and seed.
   # Tuning runs use --config.evaluate.split=validation (their report is report_validation.*).
+  # parts: each row's images run as this many tasks of whole batches (the same images; the
+  # study's two workers end together), TraSCE's freshly compiled sampler as one.
   config.evaluate = ml_collections.ConfigDict(dict(split="test", seeds=(0, 1, 2),
-                                                   images_per_prompt=1, grid_clean_prompts=2))
+                                                   images_per_prompt=1, grid_clean_prompts=2,
+                                                   parts=2))
   # Tasks run at once (shapeworld/tasks.py: data stages, each row's fine-tune and evaluation,
   # each after what it needs), since one XLA:CPU program keeps about 1.35 of 2 cores busy; the
   # same programs on the same inputs either way. 1 = one after another.

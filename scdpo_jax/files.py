@@ -1,9 +1,10 @@
 """Host file helpers every job shares: atomic writes and JSON-lines manifests.
 
-Atomic: the content goes to `<name>.tmp<pid>` next to the target, then `os.replace` renames it,
-so a reader (or a resumed run after a crash) sees the old file or the new one, never a partial
-one; the pid keeps processes that write the same path from sharing a temporary file. Parent
-folders are created.
+Atomic: the content goes to `<name>.tmp<pid>.<thread>` next to the target, then `os.replace`
+renames it, so a reader (or a resumed run after a crash) sees the old file or the new one, never
+a partial one; the process and thread ids keep writers of the same path (two processes, or two
+of the ShapeWorld study's worker threads) from sharing a temporary file. Parent folders are
+created.
 
 JSON lines: `append_jsonl` adds records to a manifest in one write, `read_jsonl` reads it back and
 skips a last line cut by a crash (the caller redoes that record), `write_jsonl` rewrites a whole
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -23,7 +25,7 @@ import numpy as np
 
 
 def _tmp_path(path: Path) -> Path:
-  return path.with_name(f"{path.name}.tmp{os.getpid()}")
+  return path.with_name(f"{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -168,14 +168,16 @@ def test_rerun_skips_finished_stages_and_one_stage_runs_alone(finished):
   for stage in study.STAGES[:-1]:
     assert again[stage] == "skipped", stage
   assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
-  # evaluated alone (one worker), a row gives what it gave beside the other tasks
-  for name in ("negative_prompt", "sc_dpo"):
+  # evaluated alone (one worker), a row gives what it gave beside the other tasks, in two
+  # parts as in the study or in one (the same batches: the same images)
+  assert config.evaluate.parts == 2
+  for name, parts in (("negative_prompt", 2), ("sc_dpo", 1)):
     path = workdir / "eval" / "test" / f"{name}.json"
     during = json.loads(path.read_text())
     images = np.load(workdir / "eval" / "test" / f"{name}_images.npy")
     path.unlink()
     only = config.copy_and_resolve_references()
-    only.only, only.workers = "evaluate", 1
+    only.only, only.workers, only.evaluate.parts = "evaluate", 1, parts
     result = jobs.run(only, str(workdir))
     assert set(result["evaluate"]) == {name}
     assert "report" not in result and "pretrain" not in result
@@ -339,6 +341,11 @@ def _stub_base(tmp_path, monkeypatch):
   (tmp_path / "base_pipeline" / "model_index.json").write_text("{}")
 
 
+def _record_evaluations(evaluated: list, monkeypatch) -> None:
+  monkeypatch.setattr(study, "generate_part", lambda c, g, m, wd, k, n: evaluated.append(m))
+  monkeypatch.setattr(study, "finish_evaluation", lambda c, m, wd, n: evaluated.append(m) or {})
+
+
 def test_an_interrupted_finetune_stops_the_study_and_is_not_marked_done(tmp_path, monkeypatch):
   """A fine-tune job that returns preempted (SIGTERM / Ctrl-C, its state saved) is not marked
   done, no further task starts, and the study stops with "preempted" (main.py then exits 75:
@@ -348,7 +355,7 @@ def test_an_interrupted_finetune_stops_the_study_and_is_not_marked_done(tmp_path
   calls, evaluated = [], []
   monkeypatch.setattr(grpo_job, "run", lambda cfg, wd: calls.append(wd) or {
       "preempted": True, "end_epoch": 1})
-  monkeypatch.setattr(study, "evaluate_method", lambda c, g, m, wd: evaluated.append(m) or {})
+  _record_evaluations(evaluated, monkeypatch)
   _stub_base(tmp_path, monkeypatch)
   config = shapeworld_ci.get_config()
   config.methods, config.only, config.workers = "base,safediffusion_r1,sc_dpo", "finetune,evaluate,report", 1
@@ -449,7 +456,7 @@ def test_an_interrupted_study_starts_no_evaluation_after_the_preempted_finetune(
   """A preempted fine-tune stops the study before the report; rows evaluated before it stay,
   none is half-written, none starts after it."""
   evaluated = []
-  monkeypatch.setattr(study, "evaluate_method", lambda c, g, m, wd: evaluated.append(m) or {})
+  _record_evaluations(evaluated, monkeypatch)
   monkeypatch.setattr(finetune, "run_method", lambda c, wd, sd, m: {"preempted": True})
   monkeypatch.setattr(study, "_done", lambda stage, wd, c: stage not in ("finetune",
                                                                           "evaluate"))
@@ -602,6 +609,57 @@ def test_library_and_configs_do_not_import_each_other():
   out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                        check=True).stdout
   assert out.strip() == "[]"
+
+
+def test_a_rows_images_run_in_parts_of_whole_batches_that_resume(tmp_path, monkeypatch):
+  """evaluate.parts: a row's images as tasks of whole batches of the full request (the study's
+  rerun test checks the images are the same bit for bit); a rerun after a stop makes only the
+  missing part, then scores the joined images and removes the parts; a part is checked against
+  the config like a finished row."""
+  from scdpo_jax.errors import ConfigError
+  from scdpo_jax.shapeworld import tasks
+
+  config = shapeworld_ci.get_config()
+  config.methods = "base,negative_prompt"
+  plan = ev.eval_plan(config)
+  (a, b), (c, d) = (ev.part_range(config, k, 2) for k in range(2))
+  assert (a, b == c, d) == (0, True, len(plan)) and b in ev._batch_bounds(config)
+  assert ev.part_range(config, 0, 1) == (0, len(plan))
+  with pytest.raises(ValueError, match="part 2 of 2"):
+    ev.part_range(config, 2, 2)
+  assert ev.parts(config, "base") == ev.parts(config, "trasce") == 2
+  config.sampling.trasce_persistent_cache = False  # compiled in each run: one task
+  assert ev.parts(config, "trasce") == 1
+  config.evaluate.parts = 100  # at most one per batch
+  assert ev.parts(config, "base") == len(ev._batch_bounds(config)) - 1
+  config.evaluate.parts = 2
+
+  calls = []
+  def gen(prompts, seeds, indices, unet_params=None, guard="none", batch_of=None):
+    calls.append((len(prompts), guard, batch_of))
+    side = config.world.image_size
+    return np.stack([np.full((side, side, 3), (7 * s + len(p)) % 256, np.uint8)
+                     for p, s in zip(prompts, seeds)])
+
+  _stub_base(tmp_path, monkeypatch)
+  study.generate_part(config, gen, "base", tmp_path, 0, 2)  # then a stop
+  assert calls == [(b, "none", len(plan))]
+  names = [t.name for t in study._tasks(config, tmp_path, ["evaluate"], lambda: gen)]
+  assert names == ["evaluate:base:2/2", "evaluate:base", "evaluate:negative_prompt:1/2",
+                   "evaluate:negative_prompt:2/2", "evaluate:negative_prompt"]
+  changed = config.copy_and_resolve_references()
+  changed.evaluate.seeds = (0, 1, 2)
+  with pytest.raises(ConfigError, match="evaluate.seeds"):
+    study.check_reuse(changed, tmp_path)
+  out = tasks.run_tasks(study._tasks(config, tmp_path, ["evaluate"], lambda: gen), 1)
+  assert calls[1:] == [(d - c, "none", len(plan)), (b, "negative_prompt", len(plan)),
+                       (d - c, "negative_prompt", len(plan))]
+  assert set(out.results["evaluate:base"]) == set(ev.METRICS)
+  images = np.load(tmp_path / "eval/test/base_images.npy")
+  whole = gen(*zip(*[(ev.eval_prompts(config)[n][j].text, s, i) for n, j, s, i in plan]))
+  np.testing.assert_array_equal(images, whole)
+  assert json.loads((tmp_path / "eval/test/base.json").read_text())["num_images"] == len(plan)
+  assert ev.part_files(config, tmp_path, "base") == []
 
 
 def test_balanced_batch_runs_requests_in_equal_batches():

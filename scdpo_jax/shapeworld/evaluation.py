@@ -11,6 +11,10 @@ fidelity (colour and shape as asked); the world's preference reward on clean pro
 reported is the mean over seeds, its error the standard error over seeds (std with ddof=1 /
 sqrt(#seeds)). Seeds are sampling seeds: every fine-tune is trained once (seed `config.seed`),
 so the errors do not include training-seed variance.
+
+The images of a row may be generated in parts (`parts`, `generate_part`: whole batches of the
+full request, so the same images bit for bit) by separate tasks, then joined and scored once
+(`finish_method`).
 """
 
 from __future__ import annotations
@@ -120,17 +124,85 @@ def score(config, images: np.ndarray) -> dict[str, Any]:
   return result
 
 
-def evaluate_method(config, gen, method: str, workdir: Path, unet_params: Any = None,
-                    guard: str = "none") -> dict:
-  """Generate every evaluation image of `method` (`unet_params`: its UNet, None = the base;
-  `guard`: the sampling guard), score them, write eval/<split>/<method>.json and _images.npy."""
+def parts(config, method: str) -> int:
+  """How many tasks generate `method`'s images (`config.evaluate.parts`, at most one per batch):
+  halves give the study's two workers an even end (a row's evaluation is ~41 s of the ~15 min).
+  A row whose sampler is compiled in every run (`generation.persistently_cached`: TraSCE's)
+  stays one task, or its parts would compile the same program twice at once."""
+  from scdpo_jax.shapeworld import generation, methods
+
+  guard = method if methods.get(method).kind == "guard" else "none"
+  if not generation.persistently_cached(config, guard):
+    return 1
+  n = int(config.evaluate.get("parts", 1))
+  if n < 1:
+    raise ValueError(f"config.evaluate.parts must be >= 1, got {n}")
+  return min(n, len(_batch_bounds(config)) - 1)
+
+
+def _batch_bounds(config) -> list[int]:
+  """The image index where each batch of the whole evaluation starts, and its end."""
+  from scdpo_jax.shapeworld.generation import balanced_batch
+
+  n = len(eval_plan(config))
+  batch = balanced_batch(n, int(config.sampling.batch_size))
+  return list(range(0, n, batch)) + [n]
+
+
+def part_range(config, part: int, num_parts: int) -> tuple[int, int]:
+  """Images [start, stop) of part `part` of `num_parts`: whole batches of the evaluation's
+  batch size, so every image comes from the batch it has in one task (bit-identical)."""
+  bounds = _batch_bounds(config)
+  batches = len(bounds) - 1
+  if not 0 <= part < num_parts <= batches:
+    raise ValueError(f"part {part} of {num_parts} for an evaluation of {batches} batches")
+  return bounds[part * batches // num_parts], bounds[(part + 1) * batches // num_parts]
+
+
+def part_path(config, workdir: Path, method: str, part: int, num_parts: int) -> Path:
+  return eval_dir(config, workdir) / f"{method}.part{part + 1}of{num_parts}.npz"
+
+
+def part_files(config, workdir: Path, method: str) -> list[Path]:
+  """Parts of `method`'s images written by a run that has not joined them yet (any count)."""
+  return sorted(eval_dir(config, workdir).glob(f"{method}.part*of*.npz"))
+
+
+def generate_part(config, gen, method: str, workdir: Path, part: int = 0, num_parts: int = 1,
+                  unet_params: Any = None, guard: str = "none") -> Path:
+  """Generate part `part` of `num_parts` of `method`'s evaluation images (`unet_params`: its
+  UNet, None = the base; `guard`: the sampling guard) into `part_path` with its seconds."""
   plan, sets = eval_plan(config), eval_prompts(config)
+  start, stop = part_range(config, part, num_parts)
+  todo = plan[start:stop]
   t0 = time.time()
-  images = gen([sets[name][j].text for name, j, _, _ in plan], [s for _, _, s, _ in plan],
-               [i for *_, i in plan], unet_params=unet_params, guard=guard)
-  result = {"method": method, "generation_s": time.time() - t0, **score(config, images)}
+  images = gen([sets[name][j].text for name, j, _, _ in todo], [s for _, _, s, _ in todo],
+               [i for *_, i in todo], unet_params=unet_params, guard=guard,
+               batch_of=len(plan))
+  return files.save_npz(part_path(config, workdir, method, part, num_parts),
+                        {"images": images, "generation_s": np.float64(time.time() - t0)})
+
+
+def finish_method(config, method: str, workdir: Path, num_parts: int = 1) -> dict:
+  """Join `method`'s `num_parts` parts in plan order, score them, write eval/<split>/<method>.json
+  and <method>_images.npy, and remove every part file of `method`. generation_s: the parts'
+  seconds summed."""
+  images, seconds = [], 0.0
+  for k in range(num_parts):
+    path, (start, stop) = part_path(config, workdir, method, k, num_parts), part_range(
+        config, k, num_parts)
+    with np.load(path) as part:
+      images.append(part["images"])
+      seconds += float(part["generation_s"])
+    if len(images[-1]) != stop - start:
+      raise ValueError(f"{path}: {len(images[-1])} images, expected part {k + 1} of "
+                       f"{num_parts} of the evaluation plan")
+  images = np.concatenate(images)
+  result = {"method": method, "generation_s": seconds, **score(config, images)}
   out = eval_dir(config, workdir)
-  out.mkdir(parents=True, exist_ok=True)
   np.save(out / f"{method}_images.npy", images)
   files.write_json(out / f"{method}.json", result)
+  for path in part_files(config, workdir, method):
+    path.unlink()
   return result
+

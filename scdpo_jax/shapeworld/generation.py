@@ -25,6 +25,13 @@ def balanced_batch(n: int, max_batch: int) -> int:
   return -(-n // batches)
 
 
+def persistently_cached(config: ml_collections.ConfigDict, guard: str) -> bool:
+  """Whether the sampler of `guard` comes from JAX's persistent compilation cache (else it is
+  compiled in every process: TraSCE's unrolled program loads slower than it compiles, README
+  "ShapeWorld")."""
+  return guard != "trasce" or bool(config.sampling.get("trasce_persistent_cache", True))
+
+
 class Generator:
   """Pixel-space text-to-image for the base pipeline and any UNet of its shapes.
 
@@ -58,20 +65,25 @@ class Generator:
                       "trasce": str(s.negative_prompt), "sld": None,
                       "safree": safree.negative_prompt(concepts)}
     unroll = {"trasce": int(s.get("trasce_scan_unroll", 1))}
-    cached = {"trasce": bool(s.get("trasce_persistent_cache", True))}
     self.max_batch = int(s.batch_size)
     self._make = lambda name, batch: generate.TextToImage(
         sd, generate.SamplingSettings(sampler="ddim", num_steps=int(s.num_steps),
                                       guard=self.guards[name], scan_unroll=unroll.get(name, 1),
-                                      persistent_cache=cached.get(name, True)),
+                                      persistent_cache=persistently_cached(config, name)),
         batch_size=batch)
     self._t2i: dict[str, Any] = {}
     self._lock = threading.Lock()  # the study's workers share one Generator (tasks.py)
 
   def __call__(self, prompts: Sequence[str], seeds: Sequence[int], indices: Sequence[int],
-               unet_params: Any = None, guard: str = "none") -> np.ndarray:
-    """uint8 (N, S, S, 3) images."""
-    key = (guard, balanced_batch(len(prompts), self.max_batch))
+               unet_params: Any = None, guard: str = "none", batch_of: int | None = None
+               ) -> np.ndarray:
+    """uint8 (N, S, S, 3) images. `batch_of`: run the batches of a request of this many images
+    (a part of a longer request cut at its batch boundaries: the same batches, the same images);
+    None = `len(prompts)`."""
+    n = len(prompts) if batch_of is None else int(batch_of)
+    if n < len(prompts):
+      raise ValueError(f"batch_of={batch_of} is less than the {len(prompts)} images asked for")
+    key = (guard, balanced_batch(n, self.max_batch))
     with self._lock:
       if key not in self._t2i:
         self._t2i[key] = self._make(*key)

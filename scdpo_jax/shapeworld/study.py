@@ -278,16 +278,23 @@ def stage_world_clip(config, workdir: Path) -> dict:
   return world_clip.train_world_clip(config.world_clip, workdir / "world_clip")
 
 
-def evaluate_method(config, gen: Generator, method: str, workdir: Path) -> dict:
-  """Generate and score every evaluation image of `method` (evaluation.py); its metrics."""
+def generate_part(config, gen: Generator, method: str, workdir: Path, part: int,
+                  num_parts: int) -> None:
+  """Part `part` of `num_parts` of `method`'s evaluation images (evaluation.py), after writing
+  the record of what they are made from (inputs.py)."""
   kind = methods_lib.get(method).kind
   params = ft_lib.unet_params(workdir, method) if kind not in ("base", "guard") else None
   inputs.write(config, workdir, "evaluate", method, ev.eval_split(config))
-  r = ev.evaluate_method(config, gen, method, workdir, unet_params=params,
-                         guard=method if kind == "guard" else "none")
+  ev.generate_part(config, gen, method, workdir, part, num_parts, unet_params=params,
+                   guard=method if kind == "guard" else "none")
+
+
+def finish_evaluation(config, method: str, workdir: Path, num_parts: int) -> dict:
+  """Join and score `method`'s parts (evaluation.py); its metrics."""
+  r = ev.finish_method(config, method, workdir, num_parts)
   metrics = {k: r[k] for k in ev.METRICS}
-  logging.info("shapeworld: evaluated %s in %.0fs: %s", method, r["generation_s"],
-               json.dumps(metrics))
+  logging.info("shapeworld: evaluated %s in %.0fs (%d part(s)): %s", method, r["generation_s"],
+               num_parts, json.dumps(metrics))
   return metrics
 
 
@@ -364,7 +371,8 @@ def check_reuse(config, workdir: Path) -> None:
   for m in selected_methods(config):
     if m in methods_lib.FINETUNES and ft_lib.done(workdir, m):
       inputs.check(config, workdir, "finetune", m)
-    if (ev.eval_dir(config, workdir) / f"{m}.json").is_file():
+    if ((ev.eval_dir(config, workdir) / f"{m}.json").is_file()
+        or ev.part_files(config, workdir, m)):
       inputs.check(config, workdir, "evaluate", m, split)
 
 
@@ -383,7 +391,8 @@ def _tasks(config, workdir: Path, stages: list[str], get_gen: Callable[[], Gener
            ) -> list[tasks_lib.Task]:
   """The work of `stages` (selected, not pretrain or report) that is not done yet, in
   priority order (tasks.py): data stages, fine-tunes (`_trained`), evaluations (longest
-  first). Task names: the stage, or "finetune:<method>" / "evaluate:<method>"."""
+  first; each row's image parts, then its scoring). Task names: the stage, or
+  "finetune:<method>", "evaluate:<method>:<k>/<parts>" (images) and "evaluate:<method>"."""
   out: list[tasks_lib.Task] = []
 
   def data_stage(stage: str, fn: Callable[[], dict], after: tuple[str, ...]) -> None:
@@ -418,9 +427,16 @@ def _tasks(config, workdir: Path, stages: list[str], get_gen: Callable[[], Gener
             needs))
   if "evaluate" in todo:
     for m in _evaluation_order(_not_evaluated(config, workdir)):
+      n = ev.parts(config, m)
+      parts = [f"evaluate:{m}:{k + 1}/{n}" for k in range(n)]
+      for k, name in enumerate(parts):
+        if not ev.part_path(config, workdir, m, k, n).is_file():  # else made before a stop
+          out.append(tasks_lib.Task(
+              name, lambda m=m, k=k, n=n: generate_part(config, get_gen(), m, workdir, k, n),
+              (f"finetune:{m}",)))
       out.append(tasks_lib.Task(f"evaluate:{m}",
-                                lambda m=m: evaluate_method(config, get_gen(), m, workdir),
-                                (f"finetune:{m}",)))
+                                lambda m=m, n=n: finish_evaluation(config, m, workdir, n),
+                                tuple(parts)))
   return out
 
 
@@ -449,11 +465,13 @@ def _collect(stages: list[str], outcome: tasks_lib.Outcome, results: dict,
   and timings.json's per-stage sums of task seconds."""
   for name, result in outcome.results.items():
     stage, _, method = name.partition(":")
+    timings[stage] = timings.get(stage, 0.0) + outcome.seconds[name]
+    if ":" in method:  # a part of a row's images: the row's scoring task reports the row
+      continue
     if method:
       results.setdefault(stage, {})[method] = result
     else:
       results[stage] = result
-    timings[stage] = timings.get(stage, 0.0) + outcome.seconds[name]
   for stage in stages:
     results.setdefault(stage, "skipped")
 
