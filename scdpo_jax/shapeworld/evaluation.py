@@ -205,4 +205,3 @@ def finish_method(config, method: str, workdir: Path, num_parts: int = 1) -> dic
   for path in part_files(config, workdir, method):
     path.unlink()
   return result
-
