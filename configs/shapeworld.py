@@ -11,7 +11,7 @@ README.md, ShapeWorld). The default study runs twelve rows (shapeworld/methods.p
 Diffusion-DPO, SC-DPO with and without Dynamic Focusing and with the Diffusion-SDPO safeguard,
 SafetyDPO and All-single, SafeDiffusion-R1 and four training-free guards, on the same held-out
 prompts, seeds and exact detectors; `--config.methods=all` adds the four further SC-DPO
-ablations (6 min 43 s more there) in the same workdir and report.
+ablations (6 min 39 s more there) in the same workdir and report.
 Stages, in order (`config.only` = comma-separated subset; each reuses what the workdir holds):
 pretrain (the shipped base, scdpo_jax/shapeworld/base/, checked against `recipe`; or trained
 with --config.pretrain.source=train) -> candidates -> world_clip -> cost_model -> pairs
