@@ -6,7 +6,7 @@
   python main.py --config configs/shapeworld.py --workdir runs/shapeworld --config.only=evaluate,report
 
 Budget: at most 15 minutes on 2 CPU cores from an empty workdir with a warm compile cache
-(measured 14 min 56 s and 14 min 51 s on 2 AMD EPYC cores with 2 workers, both cores busy;
+(measured 891-900 s in three runs on 2 AMD EPYC cores with 2 workers, both cores busy;
 README.md, ShapeWorld). The default study runs twelve rows (shapeworld/methods.py): the base,
 Diffusion-DPO, SC-DPO with and without Dynamic Focusing and with the Diffusion-SDPO safeguard,
 SafetyDPO and All-single, SafeDiffusion-R1 and four training-free guards, on the same held-out
