@@ -131,8 +131,7 @@ def parts(config, method: str) -> int:
   stays one task, or its parts would compile the same program twice at once."""
   from scdpo_jax.shapeworld import generation, methods
 
-  guard = method if methods.get(method).kind == "guard" else "none"
-  if not generation.persistently_cached(config, guard):
+  if not generation.persistently_cached(config, methods.sampling_guard(method)):
     return 1
   n = int(config.evaluate.get("parts", 1))
   if n < 1:
@@ -168,7 +167,7 @@ def part_files(config, workdir: Path, method: str) -> list[Path]:
   return sorted(eval_dir(config, workdir).glob(f"{method}.part*of*.npz"))
 
 
-def generate_part(config, gen, method: str, workdir: Path, part: int = 0, num_parts: int = 1,
+def generate_part(config, gen, method: str, workdir: Path, part: int, num_parts: int,
                   unet_params: Any = None, guard: str = "none") -> Path:
   """Generate part `part` of `num_parts` of `method`'s evaluation images (`unet_params`: its
   UNet, None = the base; `guard`: the sampling guard) into `part_path` with its seconds."""
@@ -183,7 +182,7 @@ def generate_part(config, gen, method: str, workdir: Path, part: int = 0, num_pa
                         {"images": images, "generation_s": np.float64(time.time() - t0)})
 
 
-def finish_method(config, method: str, workdir: Path, num_parts: int = 1) -> dict:
+def finish_method(config, method: str, workdir: Path, num_parts: int) -> dict:
   """Join `method`'s `num_parts` parts in plan order, score them, write eval/<split>/<method>.json
   and <method>_images.npy, and remove every part file of `method`. generation_s: the parts'
   seconds summed."""

@@ -112,3 +112,8 @@ PARETO_RIVALS = ("diffusion_dpo",) + GUARDS
 
 def get(name: str) -> Method:
   return REGISTRY[name]
+
+
+def sampling_guard(name: str) -> str:
+  """The guard a row's images are sampled with (generation.py): a guard row's own, else none."""
+  return name if get(name).kind == "guard" else "none"

@@ -286,7 +286,7 @@ def generate_part(config, gen: Generator, method: str, workdir: Path, part: int,
   params = ft_lib.unet_params(workdir, method) if kind not in ("base", "guard") else None
   inputs.write(config, workdir, "evaluate", method, ev.eval_split(config))
   ev.generate_part(config, gen, method, workdir, part, num_parts, unet_params=params,
-                   guard=method if kind == "guard" else "none")
+                   guard=methods_lib.sampling_guard(method))
 
 
 def finish_evaluation(config, method: str, workdir: Path, num_parts: int) -> dict:
@@ -428,15 +428,15 @@ def _tasks(config, workdir: Path, stages: list[str], get_gen: Callable[[], Gener
   if "evaluate" in todo:
     for m in _evaluation_order(_not_evaluated(config, workdir)):
       n = ev.parts(config, m)
-      parts = [f"evaluate:{m}:{k + 1}/{n}" for k in range(n)]
-      for k, name in enumerate(parts):
+      part_tasks = [f"evaluate:{m}:{k + 1}/{n}" for k in range(n)]
+      for k, name in enumerate(part_tasks):
         if not ev.part_path(config, workdir, m, k, n).is_file():  # else made before a stop
           out.append(tasks_lib.Task(
               name, lambda m=m, k=k, n=n: generate_part(config, get_gen(), m, workdir, k, n),
               (f"finetune:{m}",)))
       out.append(tasks_lib.Task(f"evaluate:{m}",
                                 lambda m=m, n=n: finish_evaluation(config, m, workdir, n),
-                                tuple(parts)))
+                                tuple(part_tasks)))
   return out
 
 
