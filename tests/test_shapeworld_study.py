@@ -632,6 +632,9 @@ def test_a_rows_images_run_in_parts_of_whole_batches_that_resume(tmp_path, monke
   assert ev.parts(config, "trasce") == 1
   config.evaluate.parts = 100  # at most one per batch
   assert ev.parts(config, "base") == len(ev._batch_bounds(config)) - 1
+  config.evaluate.parts = 0
+  with pytest.raises(ValueError, match="config.evaluate.parts must be >= 1, got 0"):
+    ev.parts(config, "base")
   config.evaluate.parts = 2
 
   calls = []
