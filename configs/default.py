@@ -62,6 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.data_dir = ""  # tfds: data_dir holding the prepared ArrayRecord files
   config.data.split = "train"
   config.data.nan_cost = "zero"  # tfds: unknown (NaN) costs -> 0 = no margin, logged | "error"
+  # tfds: "none" | "equal" (each category of categorised pairs repeated up to the largest
+  # one's count; uncategorised pairs once; data/loader.category_balanced_positions) [I]
+  config.data.category_balance = "none"
 
   config.train = ml_collections.ConfigDict()
   config.train.loss_type = "dpo"  # "dpo" | "sft" (winner MSE only)

@@ -12,6 +12,7 @@ import diffusers
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -294,6 +295,31 @@ def test_pair_loader_subsets_and_categories(tmp_path):
   np.testing.assert_array_equal(msub.records_batch([0])["latents_w"][0], examples[1]["latents_w"])
   with pytest.raises(ValueError, match="3 entries for 12 pairs"):
     memory.InMemoryPairs(mem.arrays, categories=["a"] * 3)
+
+
+def test_category_balance_repeats_each_category_up_to_the_largest(tmp_path):
+  cats = ["a", "b", "a", "", "c", "a", "", "b", "a"]  # a: 4, b: 2, c: 1, clean: 2
+  pos = tfds_loader.category_balanced_positions(cats)
+  got = [cats[i] for i in pos]
+  assert {c: got.count(c) for c in "abc"} == {"a": 4, "b": 4, "c": 4} and got.count("") == 2
+  assert sorted(pos[[cats[i] == "b" for i in pos]].tolist()) == [1, 1, 7, 7]
+  assert sorted(pos[[cats[i] == "a" for i in pos]].tolist()) == [0, 2, 5, 8]  # largest: once
+  with pytest.raises(ValueError, match="no record has a category"):
+    tfds_loader.category_balanced_positions(["", ""])
+  # through the trainer's entry point: 13 records (9 of 3 categories, 3 of each, 3 clean)
+  path, examples = _latent_dataset(tmp_path / "data", n=13)
+  data = ml_collections.ConfigDict(dict(name=str(path), data_dir="", split="train", seed=0,
+                                        hflip=False, nan_cost="zero", category_balance="none"))
+  assert tfds_loader.open_pair_source(data).num_pairs == 13
+  data.category_balance = "equal"  # Hate has 4 (records 0, 4, 8, 12): the others go to 4
+  src = tfds_loader.open_pair_source(data)
+  found = list(src.record_categories())
+  assert src.num_pairs == 15 and found.count("") == 3
+  assert all(found.count(c) == 4 for c in ("Hate", "sexual", "Violence"))
+  assert src.identity()["subset"] == "category_balance=equal"
+  data.category_balance = "square_root"
+  with pytest.raises(ValueError, match="data.category_balance='square_root'"):
+    tfds_loader.open_pair_source(data)
 
 
 def test_all_single_on_tfds_data_with_chosen_categories(tmp_path):

@@ -321,13 +321,42 @@ def check_cache_matches_model(ds, model_folder: Path, text_layer: int | None) ->
         f"--pretrained {model_folder} ...`")
 
 
+CATEGORY_BALANCES = ("none", "equal")
+
+
+def category_balanced_positions(categories: Sequence[str]) -> np.ndarray:
+  """Positions that give every non-empty category as many records as the largest one.
+
+  Records of a category with n of the largest count N are taken cyclically in record order until
+  there are N (each floor(N/n) or ceil(N/n) times: repeat-factor sampling); records with an empty
+  category (clean pairs) are taken once. The result is in no particular order: the loader shuffles
+  every epoch."""
+  cats = np.asarray([str(c) for c in categories], dtype=object)
+  named = sorted({c for c in cats if c})
+  if not named:
+    raise ValueError("category balance: no record has a category (the `category` field is "
+                     "empty everywhere)")
+  groups = {c: np.flatnonzero(cats == c) for c in named}
+  target = max(g.size for g in groups.values())
+  parts = [np.flatnonzero(cats == "")] + [np.resize(groups[c], target) for c in named]
+  return np.concatenate(parts).astype(np.int64)
+
+
 def open_pair_source(data_config, **kwargs) -> PairLoader:
   """The trainer's tfds pair source: a `PairLoader` over data.name/data_dir[split], shuffled by
-  data.seed, with data.hflip; extra keyword arguments go to `PairLoader`."""
+  data.seed, with data.hflip; with data.category_balance="equal" over the records of
+  `category_balanced_positions` instead. Extra keyword arguments go to `PairLoader`."""
+  balance = data_config.get("category_balance", "none")
+  if balance not in CATEGORY_BALANCES:
+    raise ValueError(f"data.category_balance={balance!r}; supported: {CATEGORY_BALANCES}")
   path = resolve_dataset_path(data_config.name, data_config.data_dir)
-  return PairLoader(path, split=data_config.split, seed=data_config.seed,
-                    hflip=data_config.hflip, nan_cost=data_config.get("nan_cost", "zero"),
-                    **kwargs)
+  src = PairLoader(path, split=data_config.split, seed=data_config.seed,
+                   hflip=data_config.hflip, nan_cost=data_config.get("nan_cost", "zero"),
+                   **kwargs)
+  if balance == "equal":
+    src = src.subset(category_balanced_positions(src.record_categories()),
+                     label="category_balance=equal")
+  return src
 
 
 def load_all(path: str | Path, split: str = "train") -> dict[str, np.ndarray]:
