@@ -61,6 +61,12 @@ def test_every_stage_and_method_ran_and_wrote_its_outputs(finished):
   for method in TRAINED:
     if methods.get(method).kind == "dpo":
       assert ft[method]["steps"] == 2, method
+      # what the trainer read: the balanced subset of the SC-DPO rows' pairs, every pair once
+      # for Diffusion-DPO
+      data = json.loads((finetune.method_dir(workdir, method) / "run_fingerprint.json"
+                         ).read_text())["data"]
+      assert data.get("subset") == (None if method == "diffusion_dpo"
+                                    else "category_balance=equal"), method
   # SafetyDPO: one expert per category of the CoProV2-style pairs, then the merge
   experts = shapeworld_ci.get_config().safetydpo.safetydpo.categories
   assert sorted(ft["safetydpo"]["categories"]) == sorted(experts)
@@ -531,7 +537,11 @@ def test_stages_run_their_job_configs_composed_into_the_study():
       changed = {k for k in ref if train[k] != ref[k]}
       assert changed == {f"train.{k}" for k in m.train if ref[f"train.{k}"] != m.train[k]} | {
           f"optimizer.{k}" for k in m.optimizer if ref[f"optimizer.{k}"] != m.optimizer[k]} | {
+          f"data.{k}" for k in m.data if ref[f"data.{k}"] != m.data[k]} | {
           "model.pretrained", "data.source", "data.name"}, method
+      # the SC-DPO rows learn from category-balanced pairs, Diffusion-DPO from each pair once
+      assert train["data.category_balance"] == ("none" if method == "diffusion_dpo"
+                                                else "equal"), method
     elif m.kind == "safetydpo":
       sc = _flat(finetune.safetydpo_config(config, method, Path("/base"), Path("/pairs")))
       base = _flat(config.safetydpo)
@@ -695,5 +705,8 @@ def test_the_tune_script_refuses_a_key_its_method_row_overrides():
   with pytest.raises(SystemExit, match="finetune.optimizer.lr"):
     tune.main(["--workdir", "/nonexistent", "--method", "diffusion_dpo",
                "--grid", "finetune.optimizer.lr=1e-4,3e-4"])
-  variants.check_not_overridden("sc_dpo", ["finetune.optimizer.lr", "finetune.train.gamma"])
+  with pytest.raises(SystemExit, match="finetune.data.category_balance"):
+    variants.check_not_overridden("diffusion_dpo", ["finetune.data.category_balance"])
+  variants.check_not_overridden("sc_dpo", ["finetune.optimizer.lr", "finetune.train.gamma",
+                                           "finetune.data.category_balance"])
   assert variants.parse_value("[0,1,2]") == (0, 1, 2) and variants.parse_value("3e-4") == 3e-4

@@ -66,7 +66,7 @@ def check_not_overridden(method: str, keys) -> None:
   """A key that the method's row overrides (shapeworld/methods.py) would be silently replaced."""
   m = methods.get(method)
   owned = {f"finetune.train.{k}" for k in m.train} | {
-      f"finetune.optimizer.{k}" for k in m.optimizer}
+      f"finetune.optimizer.{k}" for k in m.optimizer} | {f"finetune.data.{k}" for k in m.data}
   clash = sorted(set(keys) & owned)
   if clash:
     raise SystemExit(f"{', '.join(clash)}: the {method} row sets these itself (methods.py), so "
