@@ -63,10 +63,10 @@ def test_every_stage_and_method_ran_and_wrote_its_outputs(finished):
       assert ft[method]["steps"] == 2, method
       # what the trainer read: the balanced subset of the SC-DPO rows' pairs, every pair once
       # for Diffusion-DPO
-      data = json.loads((finetune.method_dir(workdir, method) / "run_fingerprint.json"
-                         ).read_text())["data"]
-      assert data.get("subset") == (None if method == "diffusion_dpo"
-                                    else "category_balance=equal"), method
+      fingerprint = json.loads((finetune.method_dir(workdir, method) / "run_fingerprint.json"
+                                ).read_text())  # flat, dotted keys
+      assert fingerprint.get("data.subset") == (None if method == "diffusion_dpo"
+                                                else "category_balance=equal"), method
   # SafetyDPO: one expert per category of the CoProV2-style pairs, then the merge
   experts = shapeworld_ci.get_config().safetydpo.safetydpo.categories
   assert sorted(ft["safetydpo"]["categories"]) == sorted(experts)
