@@ -134,7 +134,7 @@ def get_config() -> ml_collections.ConfigDict:
   ft.data.hflip = True
   # [I] each category's harmful pairs repeated up to the largest one's count, clean pairs once
   # (data/loader.category_balanced_positions): the eighth grid's choice (tune_grid8_plan.md,
-  # validation, training seeds 0-2: mean score 0.707 vs 0.678, ahead in two runs of three).
+  # validation, training seeds 0-2: mean score 0.708 vs 0.678, ahead in two runs of three).
   # Diffusion-DPO's row keeps every pair once (methods.py).
   ft.data.category_balance = "equal"
   # Tuned on the validation split (scripts/shapeworld_tune.py; README "Tuning"): margin form
