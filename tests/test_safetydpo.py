@@ -320,6 +320,11 @@ def test_category_balance_repeats_each_category_up_to_the_largest(tmp_path):
   data.category_balance = "square_root"
   with pytest.raises(ValueError, match="data.category_balance='square_root'"):
     tfds_loader.open_pair_source(data)
+  # the random in-memory pairs have no categories to balance: refused, not ignored
+  expert = _config().expert
+  expert.data.update(dict(source="memory_random", category_balance="equal"))
+  with pytest.raises(ConfigError, match="needs categorised pairs"):
+    loop.make_pair_source(expert, sd=None)
 
 
 def test_all_single_on_tfds_data_with_chosen_categories(tmp_path):

@@ -199,6 +199,9 @@ def random_pairs(config: ml_collections.ConfigDict, sd: pipeline.StableDiffusion
 
 def make_pair_source(config: ml_collections.ConfigDict, sd: pipeline.StableDiffusion):
   if config.data.source == "memory_random":
+    if config.data.get("category_balance", "none") != "none":  # its pairs have no categories
+      raise ConfigError(f"data.category_balance={config.data.category_balance!r} needs "
+                        "categorised pairs: use it with data.source='tfds'")
     return random_pairs(config, sd)
   from scdpo_jax.data import loader as tfds_loader
   return tfds_loader.open_pair_source(
