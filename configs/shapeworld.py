@@ -14,8 +14,9 @@ SafetyDPO and All-single, SafeDiffusion-R1 and four training-free guards, on the
 prompts, seeds and exact detectors; `--config.methods=all` adds the four further SC-DPO
 ablations (6 min 46 s more there) in the same workdir and report.
 Stages, in order (`config.only` = comma-separated subset; each reuses what the workdir holds):
-pretrain (the shipped base, scdpo_jax/shapeworld/base/, checked against `recipe`; or trained
-with --config.pretrain.source=train) -> candidates -> world_clip -> cost_model -> pairs
+pretrain (the shipped base, scdpo_jax/shapeworld/weights/base/, checked against its recorded
+recipe; or trained with --config.pretrain.source=train) -> candidates -> world_clip (the shipped
+one in weights/world_clip/, likewise; or --config.world_clip.source=train) -> cost_model -> pairs
 (human, scp, oracle, coprov2) -> finetune (each trained row through its own job) -> evaluate
 -> report (report.json, report.md, grids/, pareto.png); all but pretrain and report run as
 tasks, `workers` at once, each after what it needs (shapeworld/tasks.py). The world, detectors,
@@ -72,7 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
   # warmup then cosine decay to cosine_final_fraction * lr, gradient-norm clipping, Min-SNR-5
   # loss weights, the EMA of the weights is saved.
   config.pretrain = ml_collections.ConfigDict()
-  # "shipped": copy scdpo_jax/shapeworld/base/, made by this recipe (checked); "train": train it
+  # "shipped": copy scdpo_jax/shapeworld/weights/base/, made by this recipe (checked); "train":
+  # train it here
   config.pretrain.source = "shipped"
   # 10000 steps: 1 h 49 min on one CPU core (measured); fidelity rose from 0.23 at 2000 steps
   # to 0.52 at 6000 (README, "The base model")
@@ -221,6 +223,9 @@ def get_config() -> ml_collections.ConfigDict:
       unsafe_fraction=config.world.get_ref("unsafe_fraction"),
       rephrase_fraction=config.world.get_ref("rephrase_fraction"), projection_dim=64,
       tokenizer=config.model.get_ref("tokenizer")))
+  # "shipped": copy scdpo_jax/shapeworld/weights/world_clip/, made by this recipe (checked; the
+  # same weights as a training here, 69 s of the study's time); "train": train it here
+  config.world_clip.source = "shipped"
   config.world_clip.text = ml_collections.ConfigDict(dict(
       vocab_size=768, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
       num_attention_heads=4, max_position_embeddings=24, hidden_act="quick_gelu",

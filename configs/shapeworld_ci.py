@@ -44,6 +44,7 @@ def get_config():
   ft.optimizer.warmup_steps = 1
   ft.checkpoint.every_steps = 2
   ft.log.every_steps = 1
+  config.world_clip.source = "train"  # a 10-step world CLIP of its own
   config.world_clip.train.update(dict(num_steps=10, warmup_steps=2))
   config.world_clip.eval.images_per_scene = 1
   sd = config.safetydpo

@@ -16,7 +16,8 @@ import pytest
 from configs import shapeworld, shapeworld_ci
 from scdpo_jax import jobs
 from scdpo_jax.shapeworld import evaluation as ev
-from scdpo_jax.shapeworld import finetune, methods, pretrain, report, study
+from scdpo_jax.shapeworld import finetune, methods, pretrain, report, shipped, study
+from scdpo_jax.shapeworld import world_clip
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -527,7 +528,6 @@ def test_stages_run_their_job_configs_composed_into_the_study():
       k for k in _flat(safetydpo_tiny.get_config()) if k.startswith("expert.")} | {
       f"expert.{k}" for k in _flat(default.get_config())}
   assert set(_flat(config.grpo)) == set(_flat(safediffusion_r1_sd15.get_config()))
-  from scdpo_jax.shapeworld import world_clip
   assert set(_flat(config.world_clip)) == set(_flat(world_clip.default_config()))
   ref = _flat(config.finetune)
   for method in methods.METHODS:
@@ -565,40 +565,88 @@ def test_stages_run_their_job_configs_composed_into_the_study():
           config.safetydpo.expert.seed == config.grpo.seed == 7)
 
 
-def test_the_shipped_base_is_copied_only_for_its_own_recipe(tmp_path, monkeypatch):
+# the shipped folders (shipped.py): (name, module attribute of its folder, its record, the
+# maker, its config section, a recipe key to change)
+SHIPPED = {
+    "base": (pretrain, "SHIPPED_BASE", "pretrain.json", pretrain.make_base, None,
+             "pretrain.train.num_steps"),
+    "world_clip": (world_clip, "SHIPPED_WORLD_CLIP", "world_clip.json",
+                   world_clip.make_world_clip, "world_clip", "train.num_steps"),
+}
+
+
+def _shipped_case(name: str, config):
+  module, attr, record_file, make, section, key = SHIPPED[name]
+  sub = config if section is None else config[section]
+  recipe = pretrain.recipe(config) if section is None else world_clip.recipe(sub)
+  return module, attr, record_file, make, sub, recipe, key
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_a_shipped_folder_is_copied_only_for_its_own_recipe(name, tmp_path, monkeypatch):
   config = shapeworld.get_config()
-  shipped = tmp_path / "shipped"
-  (shipped / "unet").mkdir(parents=True)
-  (shipped / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
-  record = {"recipe": pretrain.recipe(config), "steps": 1,
-            "weights_sha256": pretrain.weights_sha256(shipped)}
-  (shipped / "pretrain.json").write_text(json.dumps(record))
-  monkeypatch.setattr(pretrain, "SHIPPED_BASE", shipped)
-  config.pretrain.source = "shipped"
-  out = pretrain.make_base(config, tmp_path / "base")
-  assert out["source"] == "shipped"
-  assert (tmp_path / "base/unet/diffusion_pytorch_model.safetensors").read_bytes() == b"weights"
+  module, attr, record_file, make, sub, recipe, key = _shipped_case(name, config)
+  fake = tmp_path / "shipped"
+  (fake / "sub").mkdir(parents=True)
+  (fake / "sub" / "model.safetensors").write_bytes(b"weights")
+  record = {"recipe": recipe, "steps": 1, "weights_sha256": shipped.weights_sha256(fake)}
+  (fake / record_file).write_text(json.dumps(record))
+  monkeypatch.setattr(module, attr, fake)
+  source = "pretrain.source" if name == "base" else "world_clip.source"
+  config.update_from_flattened_dict({source: "shipped"})
+  out = make(sub, tmp_path / "out")
+  assert out["source"] == "shipped" and out["steps"] == 1 and "recipe" not in out
+  assert (tmp_path / "out/sub/model.safetensors").read_bytes() == b"weights"
   changed = config.copy_and_resolve_references()
-  changed.pretrain.train.num_steps += 1
-  with pytest.raises(ValueError, match="pretrain.train.num_steps"):
-    pretrain.make_base(changed, tmp_path / "base2")
-  (shipped / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"tampered")
+  changed_sub = changed if name == "base" else changed.world_clip
+  changed_sub.update_from_flattened_dict({key: 7})
+  with pytest.raises(ValueError, match=re.escape(key)):
+    make(changed_sub, tmp_path / "out2")
+  (fake / "sub" / "model.safetensors").write_bytes(b"tampered")
   with pytest.raises(ValueError, match="hashes"):
-    pretrain.make_base(config, tmp_path / "base3")
-  config.pretrain.source = "bogus"
-  with pytest.raises(ValueError, match="source"):
-    pretrain.make_base(config, tmp_path / "base4")
+    make(sub, tmp_path / "out3")
+  (fake / record_file).unlink()
+  with pytest.raises(FileNotFoundError, match=f"{source}=train"):
+    make(sub, tmp_path / "out4")
+  config.update_from_flattened_dict({source: "bogus"})
+  with pytest.raises(ValueError, match=re.escape(source)):
+    make(sub, tmp_path / "out5")
 
 
 def test_the_shipped_base_is_the_default_recipe(tmp_path):
-  """The base in scdpo_jax/shapeworld/base/ was made by configs/shapeworld.py's recipe (its
-  pretrain.json says so and its weights match the recorded hashes): the default study uses it."""
+  """The base in scdpo_jax/shapeworld/weights/base/ was made by configs/shapeworld.py's recipe
+  (its pretrain.json says so and its weights match the recorded hashes): the default study
+  uses it."""
   record = json.loads((pretrain.SHIPPED_BASE / "pretrain.json").read_text())
   assert record["recipe"] == pretrain.recipe(shapeworld.get_config())
-  assert record["weights_sha256"] == pretrain.weights_sha256(pretrain.SHIPPED_BASE)
+  assert record["weights_sha256"] == shipped.weights_sha256(pretrain.SHIPPED_BASE)
   out = pretrain.make_base(shapeworld.get_config(), tmp_path / "base")
   assert out["source"] == "shipped" and out["steps"] == record["steps"]
   assert pretrain.load_base(tmp_path / "base").vae is None  # pixel space
+
+
+def test_the_shipped_world_clip_is_the_default_recipe(tmp_path):
+  """The world CLIP in scdpo_jax/shapeworld/weights/world_clip/ was made by
+  configs/shapeworld.py's recipe (its world_clip.json records it and its weights' hashes); the
+  study copies it, and it loads as the reward's towers and as a transformers CLIPModel."""
+  import transformers
+
+  from scdpo_jax.grpo import rewards
+
+  config = shapeworld.get_config()
+  assert config.world_clip.source == "shipped"
+  folder = world_clip.SHIPPED_WORLD_CLIP
+  record = json.loads((folder / "world_clip.json").read_text())
+  assert record["recipe"] == world_clip.recipe(config.world_clip)
+  assert record["weights_sha256"] == shipped.weights_sha256(folder)
+  assert not (folder / "inputs.json").exists()  # the study writes its own record of inputs
+  out = world_clip.make_world_clip(config.world_clip, tmp_path / "clip")
+  assert out["source"] == "shipped" and out["steps"] == config.world_clip.train.num_steps
+  assert out["steering_auroc"] == record["steering_auroc"] > 0.9  # README's measured 0.95
+  towers = rewards.ClipTowers.from_folder(tmp_path / "clip", batch_size=8)
+  assert towers.vision.config.image_size == config.world_clip.image_size
+  hf = transformers.CLIPModel.from_pretrained(str(tmp_path / "clip"))
+  assert hf.config.projection_dim == config.world_clip.projection_dim
 
 
 def test_library_and_configs_do_not_import_each_other():

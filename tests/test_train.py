@@ -184,6 +184,21 @@ def test_sigterm_saves_and_resumes(dual_ramp_runs, tmp_path):
   _assert_same_params(resumed["state"].params, full["state"].params, atol=1e-6)
 
 
+def test_a_step_program_is_compiled_once_per_process(tmp_path):
+  """A second run whose step lowers to the same program reuses the executable compiled by the
+  first (state._compiled) and trains the same numbers; another program is compiled anew."""
+  config = {"train.num_steps": 2, "optimizer.lr": 1.2345e-3}  # a program no other test has
+  first = _run(tmp_path / "first", **config)
+  second = _run(tmp_path / "second", **config)
+  other = _run(tmp_path / "other", **{**config, "optimizer.lr": 1.2346e-3})
+  assert (first["program_reused"], second["program_reused"], other["program_reused"]) == (
+      False, True, False)
+  assert second["losses"] == first["losses"]
+  _assert_same_params(first["state"].params, second["state"].params, atol=0)
+  with pytest.raises(AssertionError):  # the other lr trained other weights
+    _assert_same_params(first["state"].params, other["state"].params, atol=0)
+
+
 def test_config_errors_come_before_any_compile(tmp_path):
   with pytest.raises(ValueError, match="not a multiple of train.grad_accum"):
     _run(tmp_path, **{"train.pairs_per_step": 6, "train.grad_accum": 4})

@@ -22,9 +22,7 @@ trainer (`train.loop.run`) fine-tunes its UNet like any SD UNet.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -38,7 +36,7 @@ from absl import logging
 from scdpo_jax import files
 from scdpo_jax.data.images import to_model_range
 from scdpo_jax.models import pipeline, schedule as sch, tokenizer
-from scdpo_jax.shapeworld import world
+from scdpo_jax.shapeworld import shipped, world
 
 PIPELINE_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 
@@ -128,7 +126,7 @@ def pretrain_base(config: ml_collections.ConfigDict, folder: Path) -> dict:
   losses = [float(x) for x in jax.device_get(losses)]
   result = {"source": "train", "steps": tr.num_steps, "batch_size": tr.batch_size,
             "ema_decay": ema_decay, "seconds": time.time() - t0, "recipe": recipe(config),
-            "weights_sha256": weights_sha256(folder),
+            "weights_sha256": shipped.weights_sha256(folder),
             "loss_first_50": float(np.mean(losses[:50])),
             "loss_last_50": float(np.mean(losses[-50:]))}
   files.write_json(folder / "pretrain.json", result)
@@ -166,8 +164,7 @@ def load_base(folder: Path) -> pipeline.StableDiffusion:
 
 # ------------------------------------------------------------------------------ the shipped base
 
-SHIPPED_BASE = Path(__file__).resolve().parent / "base"
-SOURCES = ("shipped", "train")
+SHIPPED_BASE = shipped.WEIGHTS / "base"
 
 
 def recipe(config: ml_collections.ConfigDict) -> dict:
@@ -180,50 +177,13 @@ def recipe(config: ml_collections.ConfigDict) -> dict:
                                 "model": config.model.to_dict(), "pretrain": pre}))
 
 
-def weights_sha256(folder: Path) -> dict[str, str]:
-  """sha256 of every .safetensors file of a base folder, by relative path."""
-  folder = Path(folder)
-  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(folder.rglob("*.safetensors"))}
-
-
 def make_base(config: ml_collections.ConfigDict, folder: Path) -> dict:
   """The study's base model in `folder`: the shipped base when `config.pretrain.source` is
-  "shipped" (it must have been made by exactly this recipe: its recorded recipe and weight
-  hashes are checked), else trained here by `pretrain_base`."""
-  source = str(config.pretrain.get("source", "train"))
-  if source not in SOURCES:
-    raise ValueError(f"config.pretrain.source={source!r}; supported: {SOURCES}")
+  "shipped" (it must have been made by exactly this recipe: shipped.copy checks its recorded
+  recipe and weight hashes), else trained here by `pretrain_base`."""
+  source = shipped.check_source(config.pretrain.get("source", "train"), "pretrain.source")
   if source == "train":
     return pretrain_base(config, folder)
-  record_path = SHIPPED_BASE / "pretrain.json"
-  if not record_path.is_file():
-    raise FileNotFoundError(f"{record_path} missing: the shipped ShapeWorld base is not in this "
-                            "checkout; use --config.pretrain.source=train")
-  record = json.loads(record_path.read_text())
-  wanted = recipe(config)
-  if record.get("recipe") != wanted:
-    diff = sorted(k for k in set(_flat(wanted)) | set(_flat(record.get("recipe", {})))
-                  if _flat(wanted).get(k) != _flat(record.get("recipe", {})).get(k))
-    raise ValueError(f"the shipped ShapeWorld base ({SHIPPED_BASE}) was made by another recipe "
-                     f"(differs in {', '.join(diff[:8])}); use --config.pretrain.source=train "
-                     "to pretrain this one")
-  if weights_sha256(SHIPPED_BASE) != record["weights_sha256"]:
-    raise ValueError(f"the shipped ShapeWorld base's weights ({SHIPPED_BASE}) do not match the "
-                     "hashes in its pretrain.json")
-  folder = Path(folder)
-  if folder.exists():
-    shutil.rmtree(folder)
-  shutil.copytree(SHIPPED_BASE, folder)
-  logging.info("shapeworld: copied the shipped base (%s) to %s", SHIPPED_BASE, folder)
+  record = shipped.copy(SHIPPED_BASE, "pretrain.json", recipe(config), folder,
+                        "ShapeWorld base", "--config.pretrain.source=train")
   return {"source": "shipped", **{k: record[k] for k in ("steps", "seconds") if k in record}}
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out

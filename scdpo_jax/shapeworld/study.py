@@ -5,9 +5,9 @@ in the workdir, so a rerun resumes where the last one stopped; outputs made from
 stop the rerun before any work: inputs.py):
 
   pretrain    the base model -> base_pipeline/ (diffusers folder without a VAE): the shipped
-              base (scdpo_jax/shapeworld/base/, made by this stage's own training with the
-              recorded config; copied when `config.pretrain.source="shipped"` and its recorded
-              config equals the study's) or trained here (pretrain.py)
+              base (scdpo_jax/shapeworld/weights/base/, made by this stage's own training with
+              the recorded config; copied when `config.pretrain.source="shipped"` and its
+              recorded config equals the study's: shipped.py) or trained here (pretrain.py)
   candidates  base-model images (DDIM + CFG) for the pair prompts: each harmful prompt (plain
               unsafe phrase, every template) gets images of itself and of its safe paraphrase
               (CoProV2 style), each clean prompt images of itself; every image is labelled by
@@ -16,7 +16,9 @@ stop the rerun before any work: inputs.py):
               (world_clip.py) -> world_clip/ (HF CLIP folder): the frozen image tower of the
               cost model (`config.cost_model_tower="world_clip"`, as SC-DPO's cost model sits on
               a pretrained CLIP) and the reward model of SafeDiffusion-R1; only when one of
-              them needs it
+              them needs it. Like the base: the shipped one
+              (scdpo_jax/shapeworld/weights/world_clip/) when `config.world_clip.source=
+              "shipped"` and its recorded recipe is the config's, or trained here
   cost_model  the `cost_model` job (frozen CLIP tower: the world CLIP's, or a random one with
               `cost_model_tower="random"`, + MLP adapter, L_con + mu L_anc) on the
               detector-labelled candidates; held-out AUROC vs the detectors -> cost_model/
@@ -275,7 +277,7 @@ def _save_pairs(path: Path, rows: list[tuple[int, int, dict]], stored_costs: np.
 def stage_world_clip(config, workdir: Path) -> dict:
   from scdpo_jax.shapeworld import world_clip
 
-  return world_clip.train_world_clip(config.world_clip, workdir / "world_clip")
+  return world_clip.make_world_clip(config.world_clip, workdir / "world_clip")
 
 
 def generate_part(config, gen: Generator, method: str, workdir: Path, part: int,

@@ -40,6 +40,7 @@ rephrasings (fuchsia, donut, zebra, crimson, ...) are never used.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ import optax
 
 from scdpo_jax import files
 from scdpo_jax.data.images import to_model_range
-from scdpo_jax.shapeworld import world
+from scdpo_jax.shapeworld import shipped, world
 
 # (unsafe scene, safe counterpart) per category: (shape, colour, size, background).
 _ANCHOR_SCENES = {
@@ -96,6 +97,7 @@ def steering_anchors(categories: Sequence[str] = world.ALL_CATEGORIES
 def default_config() -> ml_collections.ConfigDict:
   """Tiny towers, 300 steps of 64: 31 s of CPU time (README, SafeDiffusion-R1: measured)."""
   c = ml_collections.ConfigDict()
+  c.source = "train"  # "train": train it here; "shipped": copy shipped.WEIGHTS/world_clip (study)
   c.seed = 0
   c.categories = world.ALL_CATEGORIES
   c.image_size = 16
@@ -244,8 +246,35 @@ def train_world_clip(config: ml_collections.ConfigDict, folder: Path) -> dict:
   t1 = time.time()
   metrics.update(evaluate(towers, config))
   metrics["eval_seconds"] = time.time() - t1
+  metrics.update(recipe=recipe(config), weights_sha256=shipped.weights_sha256(folder))
   files.write_json(folder / "world_clip.json", metrics)
   return metrics
+
+
+# ------------------------------------------------------------------------------ the shipped one
+
+SHIPPED_WORLD_CLIP = shipped.WEIGHTS / "world_clip"
+
+
+def recipe(config: ml_collections.ConfigDict) -> dict:
+  """What determines the world CLIP and its recorded metrics: every key but `source`."""
+  out = config.copy_and_resolve_references().to_dict()
+  out.pop("source", None)
+  return json.loads(json.dumps(out))
+
+
+def make_world_clip(config: ml_collections.ConfigDict, folder: Path) -> dict:
+  """The world CLIP of `config` in `folder`: the shipped one when `config.source` is "shipped"
+  (made by exactly this recipe: shipped.copy checks its recorded recipe and weight hashes),
+  else trained here by `train_world_clip`; its metrics (world_clip.json, less the record)."""
+  source = shipped.check_source(config.get("source", "train"), "world_clip.source")
+  if source == "train":
+    metrics = train_world_clip(config, folder)
+  else:
+    metrics = {"source": "shipped", **shipped.copy(
+        SHIPPED_WORLD_CLIP, "world_clip.json", recipe(config), folder, "world CLIP",
+        "--config.world_clip.source=train")}
+  return {k: v for k, v in metrics.items() if k not in ("recipe", "weights_sha256")}
 
 
 def evaluate(towers, config: ml_collections.ConfigDict) -> dict:

@@ -347,7 +347,8 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
                                               {k: example[k] for k in batch_keys(example)},
                                               empty_states)
   compile_s = step_program.compile_s
-  logging.info("train step compiled in %.1fs", compile_s)
+  logging.info("train step compiled in %.1fs%s", compile_s,
+               " (the program compiled earlier in this process)" if step_program.reused else "")
   empty = jax.device_put(empty_states, parallel.replicated(mesh))
   peak = peak_flops(config)
 
@@ -392,6 +393,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path, pair_source=None) -> d
   losses = [float(x) for x in jax.device_get(losses)]
   result = {"start_step": start, "end_step": step, "losses": losses,
             "skipped": int(state.skipped), "compile_s": compile_s,
+            "program_reused": step_program.reused,
             "preempted": interruption.requested is not None,
             "interrupted_by": interruption.requested,
             "restore_fallbacks": fallbacks,

@@ -14,7 +14,10 @@ the reference and the whole state.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
+import threading
 import time
 from typing import Any, Callable
 
@@ -157,6 +160,7 @@ class CompiledStep:
   batch_shardings: dict
   compile_s: float
   flops_per_device: float | None
+  reused: bool = False  # the executable of an identical program compiled earlier in the process
 
 
 def lower_train_step(mesh, spec: TrainStateSpec, train_step: Callable, example_batch: dict,
@@ -182,15 +186,43 @@ def lower_train_step(mesh, spec: TrainStateSpec, train_step: Callable, example_b
   return lowered, batch_shardings
 
 
+# Programs compiled by this process, by their lowered text and devices: a run whose step lowers
+# to the same program as an earlier one in the process (SafetyDPO's experts, the study's rows on
+# two threads, the test suite) reuses the executable instead of compiling or loading it again
+# (a load from the persistent cache deserialises the whole program: 4-10 s for a ShapeWorld
+# DPO step on 2 CPU cores). Bounded: executables hold their code in memory.
+_PROGRAMS: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
+_PROGRAMS_LOCK = threading.Lock()
+MAX_REUSED_PROGRAMS = 8
+
+
+def _compiled(lowered, mesh) -> tuple[Any, bool]:
+  """(executable of `lowered`, whether it was reused from earlier in this process)."""
+  key = hashlib.sha256(lowered.as_text().encode()).hexdigest() + ":" + ",".join(
+      str(d.id) for d in mesh.devices.flat)
+  with _PROGRAMS_LOCK:
+    if key in _PROGRAMS:
+      _PROGRAMS.move_to_end(key)
+      return _PROGRAMS[key], True
+  compiled = lowered.compile()
+  with _PROGRAMS_LOCK:
+    _PROGRAMS[key] = compiled
+    while len(_PROGRAMS) > MAX_REUSED_PROGRAMS:
+      _PROGRAMS.popitem(last=False)
+  return compiled, False
+
+
 def compile_train_step(mesh, spec: TrainStateSpec, train_step: Callable, example_batch: dict,
                        empty_states: Any) -> CompiledStep:
-  """`lower_train_step`, then AOT-compile (the seconds are reported as `compile_s`)."""
+  """`lower_train_step`, then AOT-compile, or reuse the executable of the same program compiled
+  earlier in this process (`_compiled`; the seconds are reported as `compile_s`)."""
   t0 = time.time()
   lowered, batch_shardings = lower_train_step(mesh, spec, train_step, example_batch,
                                               empty_states)
-  compiled = lowered.compile()
+  compiled, reused = _compiled(lowered, mesh)
   return CompiledStep(fn=compiled, batch_shardings=batch_shardings,
-                      compile_s=time.time() - t0, flops_per_device=_flops(compiled))
+                      compile_s=time.time() - t0, flops_per_device=_flops(compiled),
+                      reused=reused)
 
 
 def _flops(compiled) -> float | None:
