@@ -6,13 +6,13 @@
   python main.py --config configs/shapeworld.py --workdir runs/shapeworld --config.only=evaluate,report
 
 Budget: at most 15 minutes on 2 CPU cores from an empty workdir with a warm compile cache
-(measured 871 s and 883 s on 2 AMD EPYC cores with 2 workers, both cores busy: under the target
-by 2-3 %, a thin margin; README.md, ShapeWorld). The default study runs twelve rows
-(shapeworld/methods.py): the base, Diffusion-DPO, SC-DPO with and without Dynamic Focusing and
-with the Diffusion-SDPO safeguard, SafetyDPO and All-single, SafeDiffusion-R1 and four
-training-free guards, on the same held-out prompts, seeds and exact detectors;
-`--config.methods=all` adds the four further SC-DPO ablations (6 min 42 s more there) in the
-same workdir and report.
+(measured 871 s, 883 s and 895 s on 2 AMD EPYC cores with 2 workers, both cores busy: under
+the target by 5-29 s, a thin margin that moves with the machine's speed; README.md,
+ShapeWorld). The default study runs twelve rows (shapeworld/methods.py): the base,
+Diffusion-DPO, SC-DPO with and without Dynamic Focusing and with the Diffusion-SDPO safeguard,
+SafetyDPO and All-single, SafeDiffusion-R1 and four training-free guards, on the same held-out
+prompts, seeds and exact detectors; `--config.methods=all` adds the four further SC-DPO
+ablations (6 min 42 s more there) in the same workdir and report.
 Stages, in order (`config.only` = comma-separated subset; each reuses what the workdir holds):
 pretrain (the shipped base, scdpo_jax/shapeworld/weights/base/, checked against its recorded
 recipe; or trained with --config.pretrain.source=train) -> candidates -> world_clip (the shipped
