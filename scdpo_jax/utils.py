@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+
+def flat_dict(node: Any, prefix: str = "") -> dict[str, Any]:
+  """A nested mapping (dict or ConfigDict) as {"a.b.c": leaf}; lists and tuples are leaves."""
+  if hasattr(node, "items"):
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+      out.update(flat_dict(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: node}
 
 
 def save_image_grid(images: np.ndarray, path, columns: int | None = None) -> Path:

@@ -565,52 +565,47 @@ def test_stages_run_their_job_configs_composed_into_the_study():
           config.safetydpo.expert.seed == config.grpo.seed == 7)
 
 
-# the shipped folders (shipped.py): (name, module attribute of its folder, its record, the
-# maker, its config section, a recipe key to change)
+# the shipped folders (shipped.py): (module attribute of its folder, its record, the maker,
+# the config part the maker and recipe take, its recipe, its source key, a recipe key to change
+# in that part)
 SHIPPED = {
-    "base": (pretrain, "SHIPPED_BASE", "pretrain.json", pretrain.make_base, None,
+    "base": ((pretrain, "SHIPPED_BASE"), "pretrain.json", pretrain.make_base,
+             lambda config: config, pretrain.recipe, "pretrain.source",
              "pretrain.train.num_steps"),
-    "world_clip": (world_clip, "SHIPPED_WORLD_CLIP", "world_clip.json",
-                   world_clip.make_world_clip, "world_clip", "train.num_steps"),
+    "world_clip": ((world_clip, "SHIPPED_WORLD_CLIP"), "world_clip.json",
+                   world_clip.make_world_clip, lambda config: config.world_clip,
+                   world_clip.recipe, "world_clip.source", "train.num_steps"),
 }
-
-
-def _shipped_case(name: str, config):
-  module, attr, record_file, make, section, key = SHIPPED[name]
-  sub = config if section is None else config[section]
-  recipe = pretrain.recipe(config) if section is None else world_clip.recipe(sub)
-  return module, attr, record_file, make, sub, recipe, key
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_a_shipped_folder_is_copied_only_for_its_own_recipe(name, tmp_path, monkeypatch):
+  (module, attr), record_file, make, part, recipe, source, key = SHIPPED[name]
   config = shapeworld.get_config()
-  module, attr, record_file, make, sub, recipe, key = _shipped_case(name, config)
   fake = tmp_path / "shipped"
   (fake / "sub").mkdir(parents=True)
   (fake / "sub" / "model.safetensors").write_bytes(b"weights")
-  record = {"recipe": recipe, "steps": 1, "weights_sha256": shipped.weights_sha256(fake)}
+  record = {"recipe": recipe(part(config)), "steps": 1,
+            "weights_sha256": shipped.weights_sha256(fake)}
   (fake / record_file).write_text(json.dumps(record))
   monkeypatch.setattr(module, attr, fake)
-  source = "pretrain.source" if name == "base" else "world_clip.source"
   config.update_from_flattened_dict({source: "shipped"})
-  out = make(sub, tmp_path / "out")
+  out = make(part(config), tmp_path / "out")
   assert out["source"] == "shipped" and out["steps"] == 1 and "recipe" not in out
   assert (tmp_path / "out/sub/model.safetensors").read_bytes() == b"weights"
-  changed = config.copy_and_resolve_references()
-  changed_sub = changed if name == "base" else changed.world_clip
-  changed_sub.update_from_flattened_dict({key: 7})
+  changed = part(config.copy_and_resolve_references())
+  changed.update_from_flattened_dict({key: 7})
   with pytest.raises(ValueError, match=re.escape(key)):
-    make(changed_sub, tmp_path / "out2")
+    make(changed, tmp_path / "out2")
   (fake / "sub" / "model.safetensors").write_bytes(b"tampered")
   with pytest.raises(ValueError, match="hashes"):
-    make(sub, tmp_path / "out3")
+    make(part(config), tmp_path / "out3")
   (fake / record_file).unlink()
   with pytest.raises(FileNotFoundError, match=f"{source}=train"):
-    make(sub, tmp_path / "out4")
+    make(part(config), tmp_path / "out4")
   config.update_from_flattened_dict({source: "bogus"})
   with pytest.raises(ValueError, match=re.escape(source)):
-    make(sub, tmp_path / "out5")
+    make(part(config), tmp_path / "out5")
 
 
 def test_the_shipped_base_is_the_default_recipe(tmp_path):

@@ -24,6 +24,7 @@ from absl import logging
 
 from scdpo_jax import files
 from scdpo_jax.errors import ConfigError
+from scdpo_jax.utils import flat_dict
 
 # Config keys each output is made from (a section name = every key under it), its upstream
 # stages' keys added by `stage_inputs`. The base model: its recipe (world, model, pretrain).
@@ -44,17 +45,8 @@ _JOB_PATHS = {  # paths of this workdir inside a job's config: where, not what
 }
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-  if hasattr(node, "items"):
-    out: dict[str, Any] = {}
-    for k, v in node.items():
-      out.update(_flat(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: node}
-
-
 def _pick(config, keys) -> dict[str, Any]:
-  flat = _flat(config.copy_and_resolve_references())
+  flat = flat_dict(config.copy_and_resolve_references())
   out = {}
   for key in keys:
     hits = {k: v for k, v in flat.items() if k == key or k.startswith(key + ".")}
@@ -104,7 +96,7 @@ def method_inputs(config, method: str) -> dict[str, Any]:
     upstream = {**_pick(config, _BASE), **stage_inputs(config, "world_clip")}
   else:
     raise ValueError(f"{method} ({m.kind}) is not a fine-tune")
-  flat = {k: v for k, v in _flat(job).items() if k not in _JOB_PATHS[m.kind]}
+  flat = {k: v for k, v in flat_dict(job).items() if k not in _JOB_PATHS[m.kind]}
   return _jsonable({**upstream, **{f"job.{k}": v for k, v in flat.items()}})
 
 

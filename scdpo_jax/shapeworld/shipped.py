@@ -24,6 +24,8 @@ from pathlib import Path
 
 from absl import logging
 
+from scdpo_jax.utils import flat_dict
+
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 SOURCES = ("shipped", "train")
 
@@ -53,10 +55,10 @@ def copy(shipped: Path, record_file: str, recipe: dict, folder: Path, what: str,
     raise FileNotFoundError(f"{record_path} missing: the shipped {what} is not in this "
                             f"checkout; use {train_flag}")
   record = json.loads(record_path.read_text())
-  made_by = json.loads(json.dumps(record.get("recipe", {})))
-  wanted = json.loads(json.dumps(recipe))
+  made_by = record.get("recipe", {})
+  wanted = json.loads(json.dumps(recipe))  # as a record holds it (tuples as lists)
   if made_by != wanted:
-    old, new = _flat(made_by), _flat(wanted)
+    old, new = flat_dict(made_by), flat_dict(wanted)
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     raise ValueError(f"the shipped {what} ({shipped}) was made by another recipe (differs in "
                      f"{', '.join(diff[:8])}); use {train_flag} to make this one")
@@ -69,13 +71,3 @@ def copy(shipped: Path, record_file: str, recipe: dict, folder: Path, what: str,
   shutil.copytree(shipped, folder)
   logging.info("shapeworld: copied the shipped %s (%s) to %s", what, shipped, folder)
   return record
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out

@@ -23,6 +23,7 @@ import numpy as np
 
 from scdpo_jax import files
 from scdpo_jax.errors import UserError
+from scdpo_jax.utils import flat_dict
 
 FINGERPRINT_NAME = "run_fingerprint.json"
 
@@ -36,15 +37,6 @@ RESUMABLE_KEYS = (
 
 class ResumeMismatchError(UserError, ValueError):
   """The workdir was written by a run with other settings."""
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(d, dict):
-    out = {}
-    for k, v in d.items():
-      out.update(_flatten(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: d}
 
 
 def _matches(key: str, patterns) -> bool:
@@ -71,7 +63,7 @@ def state_layout(abstract_state: Any) -> str:
 
 def run_fingerprint(config: ml_collections.ConfigDict, base_folder: Path, abstract_state: Any,
                     data_identity: dict[str, Any] | None = None) -> dict[str, Any]:
-  config_values = {k: v for k, v in _flatten(json.loads(config.to_json_best_effort())).items()
+  config_values = {k: v for k, v in flat_dict(json.loads(config.to_json_best_effort())).items()
                    if not _matches(k, RESUMABLE_KEYS)}
   return {**{f"config.{k}": v for k, v in config_values.items()},
           **model_identity(base_folder),
